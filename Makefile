@@ -1,0 +1,43 @@
+# make demo   create a virtualenv, install threadward, run the example sweep
+# make test   install the test dependencies and run the whole suite
+# make bench  run the benchmarks in bench/
+# make lint   pyflakes and pycodestyle on threadward.py
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+DEMO_DIR ?= $(VENV)/demo
+
+.PHONY: demo test bench lint version clean
+
+$(BIN)/threadward: setup.py threadward.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test-deps: $(BIN)/threadward
+	$(BIN)/python -m pip install -q pytest hypothesis pyflakes pycodestyle
+	touch $@
+
+demo: $(BIN)/threadward
+	rm -rf $(DEMO_DIR)
+	$(BIN)/threadward init $(DEMO_DIR)
+	cd $(DEMO_DIR) && $(CURDIR)/$(BIN)/threadward run < /dev/null
+	@echo "demo results: $(DEMO_DIR)/threadward/task_outputs"
+
+test: $(VENV)/.test-deps
+	$(BIN)/python -m pytest -q tests
+
+bench: $(BIN)/threadward
+	$(BIN)/python bench/run.py
+
+lint: $(VENV)/.test-deps
+	$(BIN)/python -m pyflakes threadward.py setup.py templates tests bench
+	$(BIN)/python -m pycodestyle --max-line-length=100 threadward.py
+
+version:
+	@$(PYTHON) threadward.py --version
+
+clean:
+	rm -rf .venv .venv-* build *.egg-info .pytest_cache

@@ -1,0 +1,20 @@
+"""How many workers threadward starts, and which GPUs they get.
+
+Each worker is a Python process that stays alive across tasks, so what a
+task's variables load (a model, a dataset) can be kept for the next task.
+"""
+
+# Number of worker processes (default 1).
+NUM_WORKERS = 2
+
+# GPUs per worker (default 0: CPU only, the worker sees no GPU).
+#   1, 2, ...        each worker gets that many GPUs of its own
+#   0.5, 1/3, 0.25   1/k: k workers share one GPU (they also share its memory!)
+# Each worker sees only its own GPUs through CUDA_VISIBLE_DEVICES.
+NUM_GPUS_PER_WORKER = 0
+
+# GPU numbers as nvidia-smi shows them, e.g. ["0", "3"] (ints work too).
+# AVOID_GPUS: never use these.  INCLUDE_GPUS: use only these.  GPUs that are
+# allowed but not needed at the start are kept in reserve for the `add` command.
+AVOID_GPUS = None
+INCLUDE_GPUS = None

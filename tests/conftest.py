@@ -1,0 +1,147 @@
+"""Shared fixtures: a temporary threadward project driven through the real CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+THREADWARD = os.path.join(ROOT, "threadward.py")
+FAKE_BIN = os.path.join(ROOT, "tests", "fake_bin")
+
+sys.path.insert(0, ROOT)
+
+MINIMAL_TASK = """
+def task_method(variables, task_folder, log_file):
+    print("running", variables)
+"""
+MINIMAL_VARIABLES = """
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=[1, 2, 3])
+"""
+MINIMAL_RESOURCES = """
+NUM_WORKERS = 2
+"""
+
+
+class Project:
+    """A project folder under tmp_path with helpers to write, run and read it."""
+
+    def __init__(self, directory):
+        self.dir = str(directory)
+        self.config = os.path.join(self.dir, "threadward")
+        self.queue = os.path.join(self.config, "task_queue")
+        self.outputs = os.path.join(self.config, "task_outputs")
+        os.makedirs(self.queue, exist_ok=True)
+        self.write(task=MINIMAL_TASK, variables=MINIMAL_VARIABLES, resources=MINIMAL_RESOURCES)
+
+    def write(self, task=None, variables=None, resources=None):
+        """Replace any of the three project files with the given (dedented) source."""
+        for name, text in (("task_specification.py", task),
+                           ("variable_iteration.py", variables),
+                           ("resource_constraints.py", resources)):
+            if text is not None:
+                with open(os.path.join(self.config, name), "w") as stream:
+                    stream.write(textwrap.dedent(text))
+
+    def command(self, *args, subcommand="run"):
+        return [sys.executable, THREADWARD, subcommand, self.dir] + list(args)
+
+    def env(self, extra=None):
+        env = dict(os.environ)
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        env.update(extra or {})
+        return env
+
+    def run(self, *args, stdin=subprocess.DEVNULL, input=None, timeout=120, env=None,
+            subcommand="run"):
+        """Run `threadward run DIR ARGS` to the end; returns CompletedProcess (text)."""
+        if input is not None:
+            stdin = None
+        return subprocess.run(self.command(*args, subcommand=subcommand), stdin=stdin,
+                              input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=timeout, env=self.env(env))
+
+    def start(self, *args, env=None, **kwargs):
+        """Start `threadward run` in the background with stdin/stdout pipes."""
+        return subprocess.Popen(self.command(*args), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, env=self.env(env), **kwargs)
+
+    def lines(self, name):
+        path = os.path.join(self.queue, name)
+        if not os.path.exists(path):
+            return []
+        with open(path) as stream:
+            return [line for line in stream.read().split("\n") if line]
+
+    def successful(self):
+        return self.lines("successful_tasks.txt")
+
+    def failed(self):
+        """{task_id: reason} from failed_tasks.txt."""
+        return dict((line.split("\t", 1) + [""])[:2] for line in self.lines("failed_tasks.txt"))
+
+    def all_tasks(self):
+        with open(os.path.join(self.queue, "all_tasks.json")) as stream:
+            return json.load(stream)
+
+    def output(self, *parts):
+        with open(os.path.join(self.outputs, *parts)) as stream:
+            return stream.read()
+
+    def log(self, task_id):
+        return self.output(*(task_id.split("/") + ["task.log"]))
+
+
+def wait_for(predicate, timeout=30.0, interval=0.02):
+    """Wait until predicate() is true (for events in other processes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out waiting for %s" % getattr(predicate, "__name__", predicate))
+
+
+def processes_of(directory):
+    """Live processes whose command line mentions the project directory."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if process.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(directory in part for part in process.info["cmdline"] or ()):
+                found.append(process)
+        except (psutil.Error, TypeError):
+            pass
+    return found
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A minimal runnable project; after the test no process of it may be left."""
+    made = Project(tmp_path / "proj")
+    yield made
+    leftovers = wait_for(lambda: not processes_of(made.dir) or None, timeout=15) \
+        if processes_of(made.dir) else None
+    assert leftovers is None or not processes_of(made.dir)
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Put the fake nvidia-smi first on PATH; returns a function setting the GPU count."""
+    monkeypatch.setenv("PATH", FAKE_BIN + os.pathsep + os.environ["PATH"])
+
+    def set_count(count, **extra):
+        monkeypatch.setenv("FAKE_GPU_COUNT", str(count))
+        for key, value in extra.items():
+            monkeypatch.setenv(key, value)
+    set_count(4)
+    return set_count

@@ -1,0 +1,2029 @@
+#!/usr/bin/env python3
+"""threadward: run one Python task over every combination of variables, on
+persistent subprocess workers that keep what they have loaded.
+
+Usage::
+
+    threadward init [DIR]      # write DIR/threadward/ from templates/
+    threadward run [DIR]       # expand the variables, start workers, run
+    threadward status [DIR]    # what a running sweep is doing (from its status file)
+
+(`python -m threadward ...` and `python threadward.py ...` work the same.)
+
+Data flow (one thread in the main process; nothing blocks but the select)::
+
+    variable_iteration.py --> VariableSet --> all_tasks.json (streamed)
+                                   |
+                                   v
+                              _Scheduler (prefix tree of remaining tasks)
+                                   |  assign(worker): longest retained prefix
+                                   v
+    console stdin ---+     +----------------+    task line    +-----------+
+    signals (wakeup)-+---> | selector loop  | --------------> | worker 0  |
+    nvidia-smi pipe -+     |  (Threadward)  | <-------------- | (Worker)  |
+    worker stdouts --+     +----------------+   result line   +-----------+
+                                   |                            ...  N
+                                   v
+                successful_tasks.txt / failed_tasks.txt (one write per line)
+
+* The main process loads the three project files, expands the variables,
+  writes ``task_queue/all_tasks.json``, runs ``before_all_tasks`` and
+  ``after_all_tasks``, owns the scheduler, the console and the result files.
+* A worker is ``sys.executable`` re-running this file in worker mode, in its
+  own process group, with ``CUDA_VISIBLE_DEVICES`` set to its GPUs.  It runs
+  the worker and task hooks, converts variable values (keeping them while they
+  stay the same) and sends one result line per task.
+
+Protocol (newline-delimited, on the worker's private copies of fd 0 and 1)::
+
+    parent -> worker   {"op": "task", "id": ..., "folder": ..., "log": ..., "vars": [[name, value, nickname], ...]}
+                       SHUT_DOWN
+    worker -> parent   {"op": "ready", "pid": ...}
+                       {"op": "result", "id": ..., "status": 0|1, "reason": ..., "seconds": ...}
+                       {"op": "fatal", "error": ...}          (start-up failed)
+
+Everything a task prints, at the Python or the file-descriptor level and from
+child processes, goes to the task's log; nothing it prints or reads can reach
+the protocol channel.  Selecting on pipes and stdin is POSIX-only.
+
+Vendoring: copy this file (and ``templates/`` if you want ``init``) next to
+your code; it needs only ``psutil`` and, for GPUs, ``GPUtil``.
+"""
+
+__version__ = "0.1.0"
+__license__ = "MIT"
+__all__ = ["VariableSet", "Task", "Worker", "Threadward", "ThreadwardError",
+           "ConfigError", "main"]
+
+
+###############################################################################
+# Imports and compatibility ###################################################
+###############################################################################
+
+import argparse
+import ast
+import collections
+import errno
+import gc
+import importlib.util
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+_POSIX = os.name == "posix"
+
+# PollSelector, not DefaultSelector: epoll refuses to register /dev/null and
+# regular files, which is what stdin is under nohup, sbatch or `< cmds.txt`.
+# A module alias so that tests can force SelectSelector (as test_subprocess does).
+_Selector = getattr(selectors, "PollSelector", selectors.SelectSelector)
+
+
+def _import_psutil():
+    """psutil, or None: monitoring is optional, running is not."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+def _import_gputil():
+    """GPUtil, or raise ConfigError saying why it cannot be used."""
+    try:
+        import GPUtil
+    except Exception as exc:  # GPUtil imports distutils: gone in 3.12+ without setuptools
+        raise ConfigError(
+            "GPUs were requested but GPUtil cannot be imported (%s: %s); "
+            "install it with: pip install GPUtil setuptools"
+            % (type(exc).__name__, exc))
+    return GPUtil
+
+
+###############################################################################
+# Constants and protocol ######################################################
+###############################################################################
+
+WORKER_MODE = "__threadward_worker__"   # argv[1] that turns main() into a worker
+SHUT_DOWN = "SHUT_DOWN"
+
+SUCCESS_CONDITIONS = ("NO_ERROR_AND_VERIFY", "NO_ERROR_ONLY", "VERIFY_ONLY", "ALWAYS_SUCCESS")
+OUTPUT_MODES = ("LOG_FILE_ONLY", "CONSOLE_ONLY", "LOG_FILE_AND_CONSOLE")
+FAILURE_HANDLINGS = ("PRINT_FAILURE_AND_CONTINUE", "SILENT_CONTINUE", "STOP_EXECUTION")
+FOLDER_LOCATIONS = ("VARIABLE_SUBFOLDER", "VARIABLE_UNDERSCORE")
+
+TASK_HOOKS = ("before_each_task", "after_each_task", "verify_task_success")
+WORKER_HOOKS = ("before_each_worker", "after_each_worker")
+MAIN_HOOKS = ("before_all_tasks", "after_all_tasks")
+RESULT_HOOKS = ("on_task_success", "on_task_failure")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Seconds between SIGTERM and SIGKILL when a worker's process group is ended.
+# Long enough for a task to flush and close files, short enough that a stuck
+# CUDA call does not hold up a quit.
+KILL_WAIT = 5.0
+# Preemption: after SIGTERM, running tasks get this long before they are ended.
+SIGTERM_GRACE = 30.0
+# Progress lines: at least every 10% of the tasks, and at least this often.
+PROGRESS_INTERVAL = 30.0
+# A slot whose worker fails to start this many times in a row is given up.
+MAX_START_FAILURES = 3
+# os.read size for worker pipes (what subprocess uses).
+READ_SIZE = 32768
+# Status file and monitoring refresh.
+STATUS_INTERVAL = 2.0
+NVIDIA_SMI_TIMEOUT = 10.0
+# Log lines of a dead worker's task shown on the console.
+LOG_TAIL_LINES = 5
+
+PROJECT_SUBDIR = "threadward"
+CONFIG_FILES = ("task_specification.py", "resource_constraints.py", "variable_iteration.py")
+RESULT_FILES = ("successful_tasks.txt", "failed_tasks.txt")
+
+
+###############################################################################
+# Exceptions ##################################################################
+###############################################################################
+
+class ThreadwardError(Exception):
+    """Base class of every error threadward reports to the user."""
+
+
+class ConfigError(ThreadwardError):
+    """A mistake in the user's project files; reported before anything runs.
+
+    ``where`` is "file:line" of the user's mistake when it is known.
+    """
+
+    def __init__(self, message, where=None):
+        super().__init__(message)
+        self.where = where
+
+    def __str__(self):
+        message = super().__str__()
+        return "%s: %s" % (self.where, message) if self.where else message
+
+
+###############################################################################
+# Helpers used everywhere #####################################################
+###############################################################################
+
+def _ensure_std_fds():
+    """Open /dev/null on a closed fd 0, 1 or 2, so that no pipe or result file
+    of ours is ever given one of those numbers."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _stderr(message):
+    sys.stderr.write("threadward: %s\n" % message)
+    sys.stderr.flush()
+
+
+class _LineBuffer:
+    """Turns chunks of bytes into complete lines; keeps the unfinished tail."""
+
+    def __init__(self):
+        self._tail = b""
+
+    def feed(self, data):
+        lines = (self._tail + data).split(b"\n")
+        self._tail = lines.pop()
+        return lines
+
+    def close(self):
+        """The unterminated last line, if any (the writer died mid-line)."""
+        tail, self._tail = self._tail, b""
+        return tail
+
+
+def _write_all(fd, data):
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def _format_duration(seconds):
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def _format_bytes(count):
+    if count is None:
+        return "?"
+    for unit in ("B", "K", "M", "G"):
+        if count < 1024 or unit == "G":
+            return ("%d%s" if unit == "B" else "%.1f%s") % (count, unit)
+        count /= 1024.0
+
+
+def _atomic_write(path, text):
+    """Write a whole file so that readers see the old or the new, never half."""
+    temporary = "%s.tmp%d" % (path, os.getpid())
+    with open(temporary, "w") as stream:
+        stream.write(text)
+    os.replace(temporary, path)
+
+
+def _kill_group(pid, sig):
+    """Signal a worker's whole process group; a group already gone is fine."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _one_line(text, limit=300):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _user_frame(tb, path):
+    """'file:line' of the innermost traceback frame in the user's file."""
+    where = None
+    for frame, line in traceback.walk_tb(tb):
+        if os.path.abspath(frame.f_code.co_filename) == path:
+            where = "%s:%d" % (_display_path(path), line)
+    return where
+
+
+def _display_path(path):
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if relative.startswith(".." + os.sep + "..") else relative
+
+
+###############################################################################
+# VariableSet #################################################################
+###############################################################################
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _safe_component(name):
+    """One safe path component made from a nickname or a value, or None."""
+    name = "".join("_" if ch in "/\\" or ord(ch) < 32 or ord(ch) == 127 else ch
+                   for ch in name)
+    if name.startswith("-"):
+        name = "_" + name[1:]
+    if name.strip(".") == "" or len(name.encode("utf-8", "replace")) > 200:
+        return None
+    return name
+
+
+class _Variable:
+    __slots__ = ("name", "values", "nicknames", "folders", "interaction", "rules",
+                 "fragments")
+
+    def __init__(self, name, values, nicknames, folders, interaction):
+        self.name = name
+        self.values = values        # JSON scalars, as the task receives them
+        self.nicknames = nicknames  # strings
+        self.folders = folders      # safe path components
+        self.interaction = interaction
+        self.rules = []             # exceptions: [(depth, value index, allowed indices)]
+        self.fragments = None       # all_tasks.json text per value, built lazily
+
+
+class VariableSet:
+    """The variables to iterate over, highest level of the hierarchy first.
+
+    Tasks are expanded lazily, as tuples of value indices (one per variable),
+    so a million-task sweep never holds a million dicts.
+    """
+
+    def __init__(self):
+        self.variables = []
+
+    def add_variable(self, name, values, nicknames=None, interaction="cartesian",
+                     exceptions=None):
+        """Add the next (lower) level of the hierarchy.
+
+        values: JSON scalars keep their type; anything else is stored as str().
+        nicknames: names for logs and folders (default: the values).
+        interaction: "cartesian" (every value under every combination above) or
+            "zip" (the i-th value goes with the i-th value of the variable above).
+        exceptions: {value or nickname above: [values of this variable]}.
+        """
+        where = "variable %r" % (name,)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError("variable name %r is not a Python identifier; use "
+                              "letters, digits and underscores" % (name,))
+        if any(v.name == name for v in self.variables):
+            raise ConfigError("%s is added twice; each variable name must be unique" % where)
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise ConfigError("%s: values must be a list, got %s" % (where, type(values).__name__))
+        values = [v if isinstance(v, _JSON_SCALARS) else str(v) for v in values]
+        if not values:
+            raise ConfigError("%s has no values; give at least one" % where)
+        if nicknames is None:
+            nicknames = [str(v) for v in values]
+        else:
+            nicknames = [str(n) for n in nicknames]
+            if len(nicknames) != len(values):
+                raise ConfigError("%s has %d values but %d nicknames; give one nickname per "
+                                  "value" % (where, len(values), len(nicknames)))
+        folders = []
+        for value, nickname in zip(values, nicknames):
+            folder = _safe_component(nickname)
+            if folder is None:
+                raise ConfigError("%s: value %r makes no usable folder name from %r; give it "
+                                  "a nickname of letters and digits" % (where, value, nickname))
+            folders.append(folder)
+        seen = {}
+        for value, folder in zip(values, folders):
+            if folder in seen:
+                raise ConfigError("%s: values %r and %r would share the folder %r; give them "
+                                  "distinct nicknames" % (where, seen[folder], value, folder))
+            seen[folder] = value
+        if interaction not in ("cartesian", "zip"):
+            raise ConfigError("%s: interaction=%r; use \"cartesian\" or \"zip\""
+                              % (where, interaction))
+        variable = _Variable(name, values, nicknames, folders, interaction)
+        if interaction == "zip":
+            self._check_zip(variable)
+        if exceptions:
+            variable.rules = self._exception_rules(variable, exceptions)
+        self.variables.append(variable)
+        return self
+
+    def _check_zip(self, variable):
+        if not self.variables:
+            raise ConfigError("variable %r: interaction=\"zip\" needs a variable above it to "
+                              "pair with; add that one first" % variable.name)
+        above = self.variables[-1]
+        if len(above.values) != len(variable.values):
+            raise ConfigError("variable %r: interaction=\"zip\" pairs it with %r, but they "
+                              "have %d and %d values; give both the same number"
+                              % (variable.name, above.name, len(variable.values),
+                                 len(above.values)))
+
+    def _exception_rules(self, variable, exceptions):
+        where = "variable %r" % variable.name
+        if variable.interaction == "zip":
+            raise ConfigError("%s: exceptions cannot be combined with interaction=\"zip\""
+                              % where)
+        if not isinstance(exceptions, dict):
+            raise ConfigError("%s: exceptions must be a dict {value above: [values]}" % where)
+        rules = []
+        for key, listed in exceptions.items():
+            matches = [(depth, index)
+                       for depth, above in enumerate(self.variables)
+                       for index, (value, nickname) in enumerate(zip(above.values, above.nicknames))
+                       if str(key) in (str(value), nickname)]
+            if not matches:
+                raise ConfigError("%s: exceptions key %r is not a value or nickname of any "
+                                  "variable above it" % (where, key))
+            if isinstance(listed, (str, bytes)) or not hasattr(listed, "__iter__"):
+                listed = [listed]
+            allowed = set()
+            for item in listed:
+                found = [i for i, (value, nickname) in enumerate(zip(variable.values,
+                                                                      variable.nicknames))
+                         if str(item) in (str(value), nickname)]
+                if not found:
+                    raise ConfigError("%s: exceptions[%r] lists %r, which is not one of its "
+                                      "values %r" % (where, key, item, variable.values))
+                allowed.update(found)
+            rules.extend((depth, index, frozenset(allowed)) for depth, index in matches)
+        return rules
+
+    def __len__(self):
+        return sum(1 for _ in self.iter_indices())
+
+    def iter_indices(self):
+        """Every task as a tuple of value indices, in hierarchy order."""
+        if not self.variables:
+            return iter(())
+        return self._expand(0, ())
+
+    def _expand(self, depth, prefix):
+        variable = self.variables[depth]
+        if variable.interaction == "zip":
+            choices = (prefix[-1],)
+        else:
+            choices = range(len(variable.values))
+            for rule_depth, rule_index, allowed in variable.rules:
+                if prefix[rule_depth] == rule_index:
+                    choices = [i for i in choices if i in allowed]
+        if depth == len(self.variables) - 1:
+            for index in choices:
+                yield prefix + (index,)
+        else:
+            for index in choices:
+                yield from self._expand(depth + 1, prefix + (index,))
+
+    def folder_names(self, indices):
+        return [v.folders[i] for v, i in zip(self.variables, indices)]
+
+    def variables_of(self, indices):
+        """{name: value} for a task, as the main-process hooks see it."""
+        return {v.name: v.values[i] for v, i in zip(self.variables, indices)}
+
+    def protocol_variables(self, indices):
+        return [[v.name, v.values[i], v.nicknames[i]] for v, i in zip(self.variables, indices)]
+
+    def json_fragment(self, indices):
+        """The "variables" object of one all_tasks.json entry, from cached pieces."""
+        parts = []
+        for variable, index in zip(self.variables, indices):
+            if variable.fragments is None:
+                variable.fragments = [
+                    "%s: {\"value\": %s, \"nickname\": %s}"
+                    % (json.dumps(variable.name), json.dumps(value), json.dumps(nickname))
+                    for value, nickname in zip(variable.values, variable.nicknames)]
+            parts.append(variable.fragments[index])
+        return "{" + ", ".join(parts) + "}"
+
+
+###############################################################################
+# Task ########################################################################
+###############################################################################
+
+class Task:
+    """One combination of variable values, identified by its folder path."""
+
+    __slots__ = ("task_id", "indices", "folder", "log_file", "worker_id", "started")
+
+    LOG_NAME = "task.log"
+
+    def __init__(self, task_id, indices, folder):
+        self.task_id = task_id
+        self.indices = indices
+        self.folder = folder
+        self.log_file = os.path.join(folder, self.LOG_NAME)
+        self.worker_id = None
+        self.started = None
+
+    def __repr__(self):
+        return "Task(%r)" % self.task_id
+
+    def message(self, variable_set):
+        """The protocol line that hands this task to a worker."""
+        return (json.dumps({"op": "task", "id": self.task_id, "folder": self.folder,
+                            "log": self.log_file,
+                            "vars": variable_set.protocol_variables(self.indices)},
+                           separators=(",", ":")) + "\n").encode()
+
+
+def _task_id(folders, location):
+    return "/".join(folders) if location == "VARIABLE_SUBFOLDER" else "_".join(folders)
+
+
+###############################################################################
+# Scheduler ###################################################################
+###############################################################################
+
+class _Node:
+    __slots__ = ("children", "remaining", "active")
+
+    def __init__(self, leaf_level):
+        # Above the last variable: {value index: _Node}, insertion-ordered.
+        # At the last variable: a deque of value indices.
+        self.children = collections.deque() if leaf_level else {}
+        self.remaining = 0
+        self.active = 0   # busy workers whose current task lies in this subtree
+
+
+class _Scheduler:
+    """The remaining tasks as a prefix tree with counts; no processes in it.
+
+    ``assign(key)`` gives the worker ``key`` the remaining task that keeps the
+    longest prefix of its previous task.  When its own branch is exhausted it
+    goes where no other worker is (first such branch in order); only when
+    every branch is busy does it split the one with the fewest workers and the
+    most work left, taking from the far end so the owner keeps its order.
+    Every step is O(depth x branching), never a scan of the queue.
+    """
+
+    def __init__(self, depth):
+        self.depth = depth
+        self.root = _Node(depth == 1)
+        self._last = {}      # key -> indices of its previous task
+        self._reverse = {}   # key -> True while it works from the far end of a shared branch
+        self._busy = {}      # key -> nodes on the path of its current task
+
+    def __len__(self):
+        return self.root.remaining
+
+    def add(self, indices):
+        node = self.root
+        node.remaining += 1
+        for level, index in enumerate(indices[:-1]):
+            child = node.children.get(index)
+            if child is None:
+                child = node.children[index] = _Node(level + 2 == self.depth)
+            child.remaining += 1
+            node = child
+        node.children.append(indices[-1])
+
+    def assign(self, key):
+        """Indices of the next task for worker ``key``, or None when none remain."""
+        self.release(key)
+        if not self.root.remaining:
+            return None
+        last = self._last.get(key, ())
+        reverse = self._reverse.get(key, False)
+        node, path, nodes = self.root, [], [self.root]
+        for index in last[:-1]:                       # keep the longest prefix
+            child = node.children.get(index)
+            if child is None:
+                break
+            node = child
+            path.append(index)
+            nodes.append(node)
+        while len(path) < self.depth - 1:             # choose below it
+            index, child, reverse = self._choose(node, reverse, at_root=not path)
+            node = child
+            path.append(index)
+            nodes.append(node)
+        leaves = node.children
+        path.append(leaves.pop() if reverse else leaves.popleft())
+        for level, member in enumerate(nodes):
+            member.remaining -= 1
+            member.active += 1
+            if not member.remaining and level:
+                del nodes[level - 1].children[path[level - 1]]
+        self._last[key] = tuple(path)
+        self._reverse[key] = reverse
+        self._busy[key] = nodes
+        return self._last[key]
+
+    @staticmethod
+    def _choose(node, reverse, at_root):
+        children = node.children
+        order = reversed(children) if reverse and not at_root else children
+        for index in order:
+            child = children[index]
+            if not child.active:
+                return index, child, reverse and not at_root
+        index = min(children, key=lambda i: (children[i].active, -children[i].remaining))
+        return index, children[index], True
+
+    def release(self, key):
+        """The task of worker ``key`` has ended (succeeded, failed or died)."""
+        for node in self._busy.pop(key, ()):
+            node.active -= 1
+
+    def forget(self, key):
+        self.release(key)
+        self._last.pop(key, None)
+        self._reverse.pop(key, None)
+
+
+###############################################################################
+# Project files and settings ##################################################
+###############################################################################
+
+def _load_user_module(path, name):
+    """Import a project file; any failure is a ConfigError at the user's line."""
+    if not os.path.isfile(path):
+        raise ConfigError("%s is missing; run `threadward init` to create it"
+                          % _display_path(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ConfigError("syntax error: %s" % exc.msg,
+                          "%s:%s" % (_display_path(path), exc.lineno))
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise ConfigError("importing it raised %s: %s" % (type(exc).__name__, exc),
+                          _user_frame(exc.__traceback__, path) or _display_path(path))
+    sys.modules[name] = module
+    return module
+
+
+def _setting_line(path, name):
+    """'file:line' where the module-level setting ``name`` is assigned."""
+    try:
+        with open(path) as stream:
+            tree = ast.parse(stream.read())
+    except (OSError, SyntaxError, ValueError):
+        return _display_path(path)
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return "%s:%d" % (_display_path(path), node.lineno)
+    return _display_path(path)
+
+
+def _choice_setting(module, path, name, allowed):
+    value = getattr(module, name, allowed[0])
+    if value not in allowed:
+        raise ConfigError("%s = %r is not a known setting; use one of: %s"
+                          % (name, value, ", ".join(allowed)), _setting_line(path, name))
+    return value
+
+
+def _number_setting(module, path, name, default, minimum, integer=False, allow_none=False):
+    value = getattr(module, name, default)
+    if value is None and allow_none:
+        return None
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        raise ConfigError("%s = %r; it must be %s %s >= %s%s"
+                          % (name, value, "a" if integer else "a number",
+                             "whole number" if integer else "", minimum,
+                             " (or None)" if allow_none else ""),
+                          _setting_line(path, name))
+    return value
+
+
+def _gpu_list_setting(module, path, name):
+    value = getattr(module, name, None)
+    if value is None:
+        return None
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple, set)) or any(
+            isinstance(g, bool) or not isinstance(g, (str, int)) for g in value):
+        raise ConfigError("%s = %r; give a list of GPU numbers as nvidia-smi shows them, "
+                          "like [\"0\", \"3\"]" % (name, value), _setting_line(path, name))
+    return [str(g).strip() for g in value]
+
+
+def _gpus_per_worker(module, path):
+    value = _number_setting(module, path, "NUM_GPUS_PER_WORKER", 0, 0)
+    if value >= 1 and value != int(value):
+        raise ConfigError("NUM_GPUS_PER_WORKER = %r; use a whole number of GPUs, or 1/k to "
+                          "share one GPU among k workers" % value,
+                          _setting_line(path, "NUM_GPUS_PER_WORKER"))
+    if 0 < value < 1:
+        share = round(1 / value)
+        if abs(share * value - 1) > 1e-6:
+            raise ConfigError("NUM_GPUS_PER_WORKER = %r is not 1/k; use 1/2, 1/3, 1/4, ... "
+                              "(k workers per GPU)" % value,
+                              _setting_line(path, "NUM_GPUS_PER_WORKER"))
+        return 1, share
+    return int(value), 1
+
+
+class _Project:
+    """The three project files of DIR/threadward, loaded and checked."""
+
+    def __init__(self, directory):
+        self.directory = os.path.abspath(directory)
+        self.config_dir = os.path.join(self.directory, PROJECT_SUBDIR)
+        self.queue_dir = os.path.join(self.config_dir, "task_queue")
+        self.output_dir = os.path.join(self.config_dir, "task_outputs")
+        self.worker_log_dir = os.path.join(self.config_dir, "worker_logs")
+        self.status_file = os.path.join(self.queue_dir, "status.json")
+
+    def path(self, filename):
+        return os.path.join(self.config_dir, filename)
+
+    def load_task_module(self):
+        """task_specification.py; also what a worker needs."""
+        if not os.path.isdir(self.config_dir):
+            raise ConfigError("%s has no threadward/ folder; run `threadward init %s` first"
+                              % (self.directory, _display_path(self.directory)))
+        path = self.path("task_specification.py")
+        module = _load_user_module(path, "task_specification")
+        if not callable(getattr(module, "task_method", None)):
+            raise ConfigError("task_method(variables, task_folder, log_file) is not defined; "
+                              "it is the one function every project must have",
+                              _display_path(path))
+        for hook in MAIN_HOOKS + WORKER_HOOKS + TASK_HOOKS:
+            if getattr(module, hook, None) is not None and not callable(getattr(module, hook)):
+                raise ConfigError("%s is defined but is not a function" % hook,
+                                  _setting_line(path, hook))
+        self.success_condition = _choice_setting(module, path, "SUCCESS_CONDITION",
+                                                 SUCCESS_CONDITIONS)
+        self.output_mode = _choice_setting(module, path, "OUTPUT_MODE", OUTPUT_MODES)
+        self.task_timeout = _number_setting(module, path, "TASK_TIMEOUT", None, 0.001,
+                                            allow_none=True)
+        self.task_module = module
+        return module
+
+    def load_variable_module(self):
+        path = self.path("variable_iteration.py")
+        module = _load_user_module(path, "variable_iteration")
+        if not callable(getattr(module, "setup_variable_set", None)):
+            raise ConfigError("setup_variable_set(variable_set) is not defined; it declares "
+                              "the variables to iterate over", _display_path(path))
+        for hook in RESULT_HOOKS:
+            if getattr(module, hook, None) is not None and not callable(getattr(module, hook)):
+                raise ConfigError("%s is defined but is not a function" % hook,
+                                  _setting_line(path, hook))
+        self.failure_handling = _choice_setting(module, path, "FAILURE_HANDLING",
+                                                FAILURE_HANDLINGS)
+        self.folder_location = _choice_setting(module, path, "TASK_FOLDER_LOCATION",
+                                               FOLDER_LOCATIONS)
+        self.variable_module = module
+        return module
+
+    def load(self):
+        """Load and check everything `run` needs; ConfigError on any mistake."""
+        self.load_task_module()
+        self.load_variable_module()
+        path = self.path("resource_constraints.py")
+        constraints = _load_user_module(path, "resource_constraints")
+        self.num_workers = _number_setting(constraints, path, "NUM_WORKERS", 1, 1, integer=True)
+        self.gpus_per_worker, self.workers_per_gpu = _gpus_per_worker(constraints, path)
+        self.avoid_gpus = _gpu_list_setting(constraints, path, "AVOID_GPUS")
+        self.include_gpus = _gpu_list_setting(constraints, path, "INCLUDE_GPUS")
+        if self.avoid_gpus and self.include_gpus:
+            overlap = sorted(set(self.avoid_gpus) & set(self.include_gpus))
+            if overlap:
+                raise ConfigError("GPUs %s are in both INCLUDE_GPUS and AVOID_GPUS; keep each "
+                                  "GPU in one list" % ", ".join(overlap),
+                                  _setting_line(path, "AVOID_GPUS"))
+        self.constraints_path = path
+        self.variable_set = self._build_variable_set()
+
+    def _build_variable_set(self):
+        path = self.path("variable_iteration.py")
+        variable_set = VariableSet()
+        try:
+            self.variable_module.setup_variable_set(variable_set)
+        except ConfigError as exc:
+            if exc.where is None:
+                exc.where = _user_frame(exc.__traceback__, path)
+            raise
+        except Exception as exc:
+            raise ConfigError("setup_variable_set raised %s: %s" % (type(exc).__name__, exc),
+                              _user_frame(exc.__traceback__, path) or _display_path(path))
+        if not variable_set.variables:
+            raise ConfigError("setup_variable_set added no variables; call "
+                              "variable_set.add_variable(name=..., values=[...])",
+                              _display_path(path))
+        return variable_set
+
+    def converters(self):
+        """{variable name: NAME_to_value function} defined in variable_iteration.py."""
+        module = self.variable_module
+        return {name[:-len("_to_value")]: getattr(module, name) for name in dir(module)
+                if name.endswith("_to_value") and callable(getattr(module, name))}
+
+
+###############################################################################
+# GPUs ########################################################################
+###############################################################################
+
+def _discover_gpus():
+    """[(index string, uuid)] of this machine's GPUs, via GPUtil (nvidia-smi)."""
+    gputil = _import_gputil()
+    try:
+        gpus = gputil.getGPUs()
+    except Exception as exc:
+        raise ConfigError("GPUs were requested but GPUtil could not list them (%s); is "
+                          "nvidia-smi working?" % _one_line(exc))
+    return [(str(gpu.id), str(gpu.uuid)) for gpu in gpus]
+
+
+def _plan_gpu_slots(project, found, parent_visible):
+    """The GPU share of every worker slot, in order: the first NUM_WORKERS
+    start at once, the rest are the reserve for `add`.
+
+    found: [(index, uuid)] from nvidia-smi.  parent_visible: the main
+    process's CUDA_VISIBLE_DEVICES (None if unset), which bounds the choice;
+    workers name their GPUs the same way it does (numbers or UUIDs).
+    """
+    where = _setting_line(project.constraints_path, "NUM_GPUS_PER_WORKER")
+    names = {index: index for index, _ in found}
+    usable = [index for index, _ in found]
+    description = ", ".join(usable) or "none"
+    if parent_visible is not None:
+        by_token = {}
+        for index, uuid in found:
+            by_token[index] = by_token[uuid] = index
+        allowed = []
+        for token in [t.strip() for t in parent_visible.split(",") if t.strip()]:
+            match = by_token.get(token) or next(
+                (i for u, i in by_token.items() if u.startswith("GPU-") and
+                 token.startswith("GPU-") and u.startswith(token)), None)
+            if match is None:
+                raise ConfigError("CUDA_VISIBLE_DEVICES=%s names GPU %r, which nvidia-smi does "
+                                  "not list (found: %s)" % (parent_visible, token, description))
+            allowed.append(match)
+            names[match] = token
+        usable = [i for i in usable if i in allowed]
+        description += " (CUDA_VISIBLE_DEVICES=%s allows %s)" % (
+            parent_visible, ", ".join(usable) or "none")
+    for setting in ("INCLUDE_GPUS", "AVOID_GPUS"):
+        unknown = [g for g in getattr(project, setting.lower()) or () if g not in names]
+        if unknown:
+            raise ConfigError("%s names GPU %s, which this machine does not have (found: %s)"
+                              % (setting, ", ".join(unknown), description),
+                              _setting_line(project.constraints_path, setting))
+    if project.include_gpus is not None:
+        outside = [g for g in project.include_gpus if g not in usable]
+        if outside:
+            raise ConfigError("INCLUDE_GPUS names GPU %s, which CUDA_VISIBLE_DEVICES does not "
+                              "allow (found: %s)" % (", ".join(outside), description),
+                              _setting_line(project.constraints_path, "INCLUDE_GPUS"))
+        usable = [g for g in usable if g in project.include_gpus]
+    usable = [g for g in usable if g not in (project.avoid_gpus or ())]
+    per_worker, share = project.gpus_per_worker, project.workers_per_gpu
+    needed = -(-project.num_workers * per_worker // share)
+    if needed > len(usable):
+        raise ConfigError(
+            "NUM_WORKERS = %d with NUM_GPUS_PER_WORKER = %s needs %d GPUs, but only %d can be "
+            "used: %s (found: %s; INCLUDE_GPUS=%s, AVOID_GPUS=%s)"
+            % (project.num_workers, per_worker if share == 1 else "1/%d" % share, needed,
+               len(usable), ", ".join(usable) or "none", description,
+               project.include_gpus, project.avoid_gpus), where)
+    slots = []
+    for start in range(0, len(usable) - per_worker + 1, per_worker):
+        group = tuple(names[g] for g in usable[start:start + per_worker])
+        slots.extend([group] * share)
+    return slots
+
+
+###############################################################################
+# Worker (the parent's handle on one subprocess) ##############################
+###############################################################################
+
+class Worker:
+    """The main process's handle on one worker subprocess."""
+
+    STARTING, IDLE, BUSY, STOPPING, EXITED = "starting", "idle", "busy", "stopping", "exited"
+
+    def __init__(self, worker_id, slot, gpus):
+        self.worker_id = worker_id
+        self.slot = slot              # index of its GPU share; a replacement reuses it
+        self.gpus = gpus              # tuple of CUDA_VISIBLE_DEVICES entries
+        self.state = self.STARTING
+        self.task = None
+        self.retiring = False         # `remove N`: no new task, then SHUT_DOWN
+        self.fatal = None             # start-up traceback sent by the worker
+        self.end_reason = None        # why threadward ended it ("timeout"), if it did
+        self.process = None
+        self.pid = None
+        self.returncode = None
+        self.deadline = None          # (monotonic time, action) for timeouts and kills
+        self.tasks_done = 0
+        self.started = time.monotonic()
+        self.stats = {}               # monitoring: current and max figures
+        self._buffer = _LineBuffer()
+
+    def __repr__(self):
+        return "Worker(%d, %s, pid=%s)" % (self.worker_id, self.state, self.pid)
+
+    def command(self, project_dir):
+        """How a worker is launched: this very file, in worker mode."""
+        return [sys.executable, os.path.abspath(__file__), WORKER_MODE,
+                project_dir, str(self.worker_id)]
+
+    def start(self, project_dir):
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        self.process = subprocess.Popen(
+            self.command(project_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            cwd=project_dir, env=env, start_new_session=True)
+        self.pid = self.process.pid
+
+    def fileno(self):
+        return self.process.stdout.fileno()
+
+    def read_lines(self):
+        """Complete lines now readable, and whether the pipe has reached its end."""
+        data = os.read(self.fileno(), READ_SIZE)
+        if not data:
+            return [], True
+        return self._buffer.feed(data), False
+
+    def send(self, data):
+        """Write one protocol line; False if the worker is gone."""
+        try:
+            _write_all(self.process.stdin.fileno(), data)
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def close_pipes(self):
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def poll(self):
+        if self.returncode is None and self.process.poll() is not None:
+            self.returncode = self.process.returncode
+        return self.returncode
+
+    def signal_group(self, sig):
+        if self.poll() is None:
+            _kill_group(self.pid, sig)
+
+    def exit_reason(self):
+        code = self.returncode
+        if code is None:
+            return "worker %d stopped answering" % self.worker_id
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = "signal %d" % -code
+            return "worker %d was killed by %s" % (self.worker_id, name)
+        return "worker %d exited with code %d" % (self.worker_id, code)
+
+
+###############################################################################
+# Threadward (the orchestrator) ###############################################
+###############################################################################
+
+class Threadward:
+    """Runs a project: ``Threadward(directory).run()`` returns the exit code."""
+
+    def __init__(self, directory=".", fresh=False, dry_run=False, stdin_fd=0, out=None):
+        self.project = _Project(directory)
+        self.fresh = fresh
+        self.dry_run = dry_run
+        self._stdin_fd = stdin_fd
+        self._out = out or sys.stdout
+        self._selector = None
+        self._workers = {}            # worker id -> Worker (until reaped)
+        self._next_worker_id = 0
+        self._free_slots = []         # GPU shares not held by a worker
+        self._slot_gpus = []
+        self._start_failures = collections.Counter()   # slot -> failed starts in a row
+        self._stopping = None         # None, or why no new tasks are handed out
+        self._interrupting = False
+        self._wakeup = None
+        self._old_signals = {}
+        self._result_fds = {}
+        self.succeeded = self.failed = self.skipped = 0
+        self.total = 0
+        self._durations_sum = 0.0
+        self._durations_max = 0.0
+        self._started = None
+        self._last_progress = (0.0, 0)
+
+    # -- public entry -------------------------------------------------------
+
+    def run(self):
+        project = self.project
+        project.load()
+        self._plan_workers()
+        if self.dry_run:
+            return self._print_dry_run()
+        self._prepare_queue()
+        if not self.total:
+            self._say("all %d tasks already succeeded; nothing to run (--fresh runs them "
+                      "again)" % self.skipped)
+            return EXIT_OK
+        self._started = time.monotonic()
+        self._say("%s%d tasks on %d worker%s%s; task output in %s" % (
+            "%d of %d tasks already succeeded; running " % (
+                self.skipped, self.skipped + self.total) if self.skipped else "running ",
+            self.total, project.num_workers, "" if project.num_workers == 1 else "s",
+            self._gpu_summary(), _display_path(project.output_dir)))
+        self._open_result_files()
+        self._selector = _Selector()
+        try:
+            self._install_signal_handlers()
+            self._register_console()
+            self._call_main_hook("before_all_tasks")
+            try:
+                self._start_workers()
+                self._loop()
+            finally:
+                self._stop_all_workers()
+                self._call_main_hook("after_all_tasks")
+        finally:
+            self._restore_signal_handlers()
+            self._selector.close()
+            for fd in self._result_fds.values():
+                os.close(fd)
+        return self._print_summary()
+
+    # -- preparing ----------------------------------------------------------
+
+    def _plan_workers(self):
+        project = self.project
+        if project.gpus_per_worker:
+            found = _discover_gpus()
+            self._slot_gpus = _plan_gpu_slots(project, found,
+                                              os.environ.get("CUDA_VISIBLE_DEVICES"))
+        else:
+            self._slot_gpus = [()] * project.num_workers
+        self._free_slots = list(range(len(self._slot_gpus)))
+
+    def _gpu_summary(self):
+        if not self.project.gpus_per_worker:
+            return ", CPU only"
+        used = sorted({g for slot in self._slot_gpus[:self.project.num_workers] for g in slot})
+        return ", GPUs %s" % ",".join(used)
+
+    def _task_of(self, indices):
+        folders = self.project.variable_set.folder_names(indices)
+        task_id = _task_id(folders, self.project.folder_location)
+        if self.project.folder_location == "VARIABLE_SUBFOLDER":
+            folder = os.path.join(self.project.output_dir, *folders)
+        else:
+            folder = os.path.join(self.project.output_dir, task_id)
+        return Task(task_id, indices, folder)
+
+    def _read_succeeded(self):
+        path = os.path.join(self.project.queue_dir, "successful_tasks.txt")
+        try:
+            with open(path, "rb") as stream:
+                data = stream.read()
+        except FileNotFoundError:
+            return set()
+        lines = data.split(b"\n")
+        lines.pop()   # empty after a final newline; a torn last line otherwise
+        return {line.decode("utf-8", "replace") for line in lines if line}
+
+    def _prepare_queue(self):
+        """Expand, check IDs, stream all_tasks.json, fill the scheduler."""
+        project = self.project
+        variable_set = project.variable_set
+        os.makedirs(project.queue_dir, exist_ok=True)
+        succeeded = set() if self.fresh else self._read_succeeded()
+        scheduler = _Scheduler(len(variable_set.variables))
+        path = os.path.join(project.queue_dir, "all_tasks.json")
+        temporary = "%s.tmp%d" % (path, os.getpid())
+        try:
+            self._write_task_list(temporary, scheduler, succeeded)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+        os.replace(temporary, path)
+        self.scheduler = scheduler
+        self.total = len(scheduler)
+
+    def _write_task_list(self, temporary, scheduler, succeeded):
+        project = self.project
+        variable_set = project.variable_set
+        location = project.folder_location
+        output_root = os.path.relpath(project.output_dir, project.directory)
+        check_ids = location == "VARIABLE_UNDERSCORE" and any(
+            "_" in folder for v in variable_set.variables for folder in v.folders)
+        seen_ids = set()
+        with open(temporary, "w", buffering=1 << 20) as stream:
+            stream.write("[")
+            separator = "\n"
+            for indices in variable_set.iter_indices():
+                folders = variable_set.folder_names(indices)
+                task_id = _task_id(folders, location)
+                if check_ids:
+                    if task_id in seen_ids:
+                        raise ConfigError(
+                            "two tasks would share the ID and folder %r (folder names joined "
+                            "with \"_\" collide); use TASK_FOLDER_LOCATION = "
+                            "\"VARIABLE_SUBFOLDER\" or nicknames without \"_\"" % task_id,
+                            _display_path(project.path("variable_iteration.py")))
+                    seen_ids.add(task_id)
+                folder = "/".join((output_root,) + tuple(folders)) \
+                    if location == "VARIABLE_SUBFOLDER" else output_root + "/" + task_id
+                stream.write('%s{"task_id": %s, "task_folder": %s, "variables": %s}' % (
+                    separator, json.dumps(task_id), json.dumps(folder),
+                    variable_set.json_fragment(indices)))
+                separator = ",\n"
+                if task_id in succeeded:
+                    self.skipped += 1
+                else:
+                    scheduler.add(indices)
+            stream.write("\n]\n")
+
+    def _open_result_files(self):
+        for name in RESULT_FILES:
+            path = os.path.join(self.project.queue_dir, name)
+            truncate = self.fresh or name == "failed_tasks.txt"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND |
+                         (os.O_TRUNC if truncate else 0), 0o666)
+            self._result_fds[name] = fd
+            self._drop_torn_line(fd)
+
+    @staticmethod
+    def _drop_torn_line(fd):
+        """A crash mid-write can leave a last line without its newline: drop it."""
+        size = os.fstat(fd).st_size
+        if not size:
+            return
+        with open(fd, "rb", closefd=False) as stream:
+            start = max(0, size - 4096)
+            stream.seek(start)
+            tail = stream.read()
+        if not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n")
+            os.ftruncate(fd, start + cut + 1 if cut >= 0 else 0 if start == 0 else size)
+
+    def _print_dry_run(self):
+        project = self.project
+        variable_set = project.variable_set
+        count, shown = 0, []
+        for indices in variable_set.iter_indices():
+            count += 1
+            if len(shown) < 10:
+                shown.append(self._task_of(indices))
+        self._say("dry run: %d tasks; nothing is started" % count)
+        for task in shown:
+            self._say("  %-40s %s" % (task.task_id, _display_path(task.folder)))
+        if count > len(shown):
+            self._say("  ... and %d more" % (count - len(shown)))
+        for slot in range(project.num_workers):
+            gpus = self._slot_gpus[slot]
+            self._say("  worker %d: CUDA_VISIBLE_DEVICES=%s" % (slot, ",".join(gpus) or '""'))
+        reserve = len(self._slot_gpus) - project.num_workers
+        if project.gpus_per_worker and reserve > 0:
+            self._say("  %d more worker slots in reserve for `add`" % reserve)
+        return EXIT_OK
+
+    # -- the loop -----------------------------------------------------------
+
+    def _loop(self):
+        while self._workers:
+            self._wait_for_events()
+            self._expire_deadlines()
+            self._reap_workers()
+            self._assign_tasks()
+            self._report_progress()
+
+    def _wait_for_events(self):
+        for key, _ in self._selector.select(self._next_timeout()):
+            key.data()
+
+    def _next_timeout(self):
+        now = time.monotonic()
+        deadlines = [w.deadline[0] for w in self._workers.values() if w.deadline]
+        deadlines.append(self._last_progress[0] + PROGRESS_INTERVAL
+                         if self._last_progress[0] else self._started + PROGRESS_INTERVAL)
+        if self._stop_deadline:
+            deadlines.append(self._stop_deadline)
+        return max(0.0, min(deadlines) - now)
+
+    _stop_deadline = None
+
+    def _expire_deadlines(self):
+        now = time.monotonic()
+        if self._stop_deadline and now >= self._stop_deadline:
+            self._stop_deadline = None
+            self._say("grace period over; ending running tasks")
+            self._interrupt_running()
+        for worker in list(self._workers.values()):
+            if worker.deadline and now >= worker.deadline[0]:
+                action = worker.deadline[1]
+                worker.deadline = None
+                action(worker)
+
+    # -- workers: start, read, reap -----------------------------------------
+
+    def _start_workers(self):
+        for _ in range(self.project.num_workers):
+            self._start_worker(self._free_slots.pop(0))
+
+    def _start_worker(self, slot):
+        worker = Worker(self._next_worker_id, slot, self._slot_gpus[slot])
+        self._next_worker_id += 1
+        os.makedirs(self.project.worker_log_dir, exist_ok=True)
+        worker.start(self.project.directory)
+        self._workers[worker.worker_id] = worker
+        self._selector.register(worker.fileno(), selectors.EVENT_READ,
+                                lambda: self._on_worker_readable(worker))
+        return worker
+
+    def _on_worker_readable(self, worker):
+        lines, ended = worker.read_lines()
+        for line in lines:
+            self._on_worker_line(worker, line)
+        if ended:
+            self._selector.unregister(worker.fileno())
+            worker.close_pipes()
+            if worker.poll() is None:
+                worker.deadline = (time.monotonic() + KILL_WAIT, self._kill_worker)
+            else:
+                self._on_worker_exit(worker)
+
+    def _on_worker_line(self, worker, line):
+        try:
+            message = json.loads(line)
+        except ValueError:
+            _stderr("worker %d sent an unreadable line: %r" % (worker.worker_id, line[:200]))
+            return
+        op = message.get("op")
+        if op == "ready":
+            worker.state = Worker.IDLE
+            self._start_failures[worker.slot] = 0
+        elif op == "result" and worker.task is not None:
+            task, worker.task = worker.task, None
+            worker.state = Worker.IDLE
+            worker.deadline = None
+            worker.tasks_done += 1
+            self.scheduler.release(worker.worker_id)
+            self._record(task, message.get("status") == 0, message.get("reason") or "",
+                         message.get("seconds"))
+        elif op == "fatal":
+            worker.fatal = message.get("error") or "unknown error"
+
+    def _reap_workers(self):
+        for worker in list(self._workers.values()):
+            if worker.state != Worker.EXITED and worker.returncode is None \
+                    and worker.process.stdout.closed and worker.poll() is not None:
+                self._on_worker_exit(worker)
+
+    def _on_worker_exit(self, worker):
+        """The worker's pipe has closed and its process is gone."""
+        if worker.state == Worker.EXITED:
+            return
+        previous = worker.state
+        worker.state = Worker.EXITED
+        worker.deadline = None
+        del self._workers[worker.worker_id]
+        self.scheduler.forget(worker.worker_id)
+        reason = worker.exit_reason()
+        if worker.task is not None:
+            task, worker.task = worker.task, None
+            self._record(task, False, "interrupted" if self._interrupting
+                         else worker.end_reason or reason)
+            self._show_log_tail(task)
+        if previous == Worker.STARTING:
+            self._on_start_failure(worker, reason)
+            return
+        if worker.retiring or previous == Worker.STOPPING:
+            self._free_slots.append(worker.slot)
+            self._free_slots.sort()
+            return
+        self._replace_worker(worker, reason)
+
+    def _on_start_failure(self, worker, reason):
+        self._start_failures[worker.slot] += 1
+        failures = self._start_failures[worker.slot]
+        detail = worker.fatal or "%s before it was ready" % reason
+        self._say("worker %d could not start (%s):\n%s" % (
+            worker.worker_id, reason, "    " + detail.rstrip().replace("\n", "\n    ")))
+        if self._stopping or not len(self.scheduler):
+            return
+        if failures >= MAX_START_FAILURES:
+            self._say("giving up worker slot %d after %d failed starts in a row"
+                      % (worker.slot, failures))
+            if not self._workers:
+                self._stop("no worker could start")
+            return
+        self._start_worker(worker.slot)
+
+    def _replace_worker(self, worker, reason):
+        if self._stopping or not len(self.scheduler):
+            self._free_slots.append(worker.slot)
+            return
+        replacement = self._start_worker(worker.slot)
+        self._say("%s; started worker %d in its place" % (reason, replacement.worker_id))
+
+    def _kill_worker(self, worker):
+        worker.signal_group(signal.SIGKILL)
+        if worker.process.stdout.closed and worker.poll() is None:
+            # SIGKILL cannot be ignored; the reap after SIGCHLD finishes the job.
+            worker.deadline = (time.monotonic() + KILL_WAIT, self._kill_worker)
+
+    def _end_worker(self, worker, reason=None):
+        """SIGTERM the worker's process group now, SIGKILL after KILL_WAIT."""
+        if reason:
+            worker.end_reason = reason
+        worker.signal_group(signal.SIGTERM)
+        worker.deadline = (time.monotonic() + KILL_WAIT, self._kill_worker)
+
+    def _show_log_tail(self, task):
+        try:
+            with open(task.log_file, "rb") as stream:
+                stream.seek(max(0, os.fstat(stream.fileno()).st_size - 4096))
+                lines = stream.read().decode("utf-8", "replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError:
+            return
+        if lines and self.project.failure_handling != "SILENT_CONTINUE":
+            self._say("  last lines of %s:\n    %s" % (_display_path(task.log_file),
+                                                     "\n    ".join(lines)))
+
+    # -- handing out tasks --------------------------------------------------
+
+    def _assign_tasks(self):
+        for worker in list(self._workers.values()):
+            if worker.state != Worker.IDLE:
+                continue
+            indices = None
+            if not self._stopping and not worker.retiring:
+                indices = self.scheduler.assign(worker.worker_id)
+            if indices is None:
+                worker.state = Worker.STOPPING
+                worker.send((SHUT_DOWN + "\n").encode())
+                continue
+            task = self._task_of(indices)
+            task.worker_id = worker.worker_id
+            task.started = time.monotonic()
+            worker.task = task
+            worker.state = Worker.BUSY
+            if self.project.task_timeout:
+                worker.deadline = (task.started + self.project.task_timeout,
+                                   lambda w: self._end_worker(w, "timeout"))
+            if not worker.send(task.message(self.project.variable_set)):
+                worker.state = Worker.BUSY   # its exit will record the task as failed
+
+    def _stop_all_workers(self):
+        """Last resort on the way out (an exception, or workers still alive)."""
+        for worker in list(self._workers.values()):
+            worker.signal_group(signal.SIGKILL)
+            worker.close_pipes()
+            try:
+                worker.process.wait(KILL_WAIT)
+            except subprocess.TimeoutExpired:
+                pass
+            if worker.task is not None:
+                task, worker.task = worker.task, None
+                self._record(task, False, "interrupted")
+        self._workers.clear()
+
+    # -- results ------------------------------------------------------------
+
+    def _record(self, task, success, reason, seconds=None):
+        if seconds is None and task.started is not None:
+            seconds = time.monotonic() - task.started
+        if seconds is not None:
+            self._durations_sum += seconds
+            self._durations_max = max(self._durations_max, seconds)
+        if success:
+            self.succeeded += 1
+            self._append("successful_tasks.txt", task.task_id)
+        else:
+            self.failed += 1
+            reason = _one_line(reason) or "failed"
+            self._append("failed_tasks.txt", "%s\t%s" % (task.task_id, reason))
+            handling = self.project.failure_handling
+            if handling != "SILENT_CONTINUE":
+                self._say("FAILED %s: %s (log: %s)" % (task.task_id, reason,
+                                                       _display_path(task.log_file)))
+            if handling == "STOP_EXECUTION":
+                self._stop("a task failed and FAILURE_HANDLING is STOP_EXECUTION")
+        hook = "on_task_success" if success else "on_task_failure"
+        function = getattr(self.project.variable_module, hook, None)
+        if function is not None:
+            arguments = [self.project.variable_set.variables_of(task.indices), task.folder,
+                         task.log_file] + ([] if success else [reason])
+            try:
+                function(*arguments)
+            except Exception:
+                self._say("%s raised (the run goes on):\n%s" % (hook, traceback.format_exc()))
+
+    def _append(self, name, line):
+        # One write per line on an O_APPEND file: a crash leaves whole lines only.
+        _write_all(self._result_fds[name], (line + "\n").encode("utf-8"))
+
+    # -- stopping -----------------------------------------------------------
+
+    def _stop(self, why):
+        """No new tasks; running tasks finish."""
+        if self._stopping:
+            return False
+        self._stopping = why
+        return True
+
+    def _interrupt_running(self):
+        """End running tasks now; they are recorded as interrupted."""
+        self._interrupting = True
+        self._stop("interrupted")
+        for worker in self._workers.values():
+            if worker.state in (Worker.BUSY, Worker.STARTING):
+                self._end_worker(worker)
+
+    # -- signals ------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._wakeup = (read_fd, write_fd)
+        self._old_signals["wakeup"] = signal.set_wakeup_fd(write_fd,
+                                                           warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+            # The handler only records (via the wakeup fd); the loop acts.
+            self._old_signals[sig] = signal.signal(sig, lambda signum, frame: None)
+        self._selector.register(read_fd, selectors.EVENT_READ, self._on_signals)
+
+    def _restore_signal_handlers(self):
+        if self._wakeup is None:
+            return
+        signal.set_wakeup_fd(self._old_signals.pop("wakeup"))
+        for sig, handler in self._old_signals.items():
+            signal.signal(sig, handler)
+        for fd in self._wakeup:
+            os.close(fd)
+        self._wakeup = None
+
+    def _on_signals(self):
+        try:
+            data = os.read(self._wakeup[0], 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGCHLD:
+                continue   # the reap step that follows every wake-up does the work
+            if signum == signal.SIGINT and self._stopping and not self._interrupting:
+                self._say("second Ctrl-C: ending running tasks (recorded as interrupted)")
+                self._interrupt_running()
+            elif signum in (signal.SIGINT, signal.SIGTERM) and not self._stopping:
+                self._stop("stopped by %s" % signal.Signals(signum).name)
+                if signum == signal.SIGTERM:
+                    self._stop_deadline = time.monotonic() + SIGTERM_GRACE
+                    self._say("SIGTERM: no new tasks; running tasks get %ds to finish"
+                              % SIGTERM_GRACE)
+                else:
+                    self._say("stopping: no new tasks; running tasks finish "
+                              "(press Ctrl-C again to stop running tasks)")
+
+    # -- console ------------------------------------------------------------
+
+    def _register_console(self):
+        try:
+            os.fstat(self._stdin_fd)
+            self._selector.register(self._stdin_fd, selectors.EVENT_READ, self._on_console)
+        except (OSError, ValueError, PermissionError):
+            return   # no usable stdin (closed, or a kind poll refuses): no console
+        self._console = _LineBuffer()
+
+    def _on_console(self):
+        try:
+            data = os.read(self._stdin_fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            # End of input ends the console only; the run goes on (nohup, sbatch).
+            self._selector.unregister(self._stdin_fd)
+            return
+        for line in self._console.feed(data):
+            self._console_command(line.decode("utf-8", "replace").strip())
+
+    def _console_command(self, line):
+        words = line.split()
+        if not words:
+            return
+        command, arguments = words[0].lower(), words[1:]
+        if command in ("q", "quit"):
+            if self._stop("quit"):
+                self._say("quit: no new tasks; waiting for %d running task(s), then teardown"
+                          % sum(1 for w in self._workers.values() if w.state == Worker.BUSY))
+            else:
+                self._say("already stopping (%s)" % self._stopping)
+        elif command in ("s", "show"):
+            self._say(self._show_table())
+        elif command in ("a", "add"):
+            self._console_add()
+        elif command in ("r", "remove"):
+            self._console_remove(arguments)
+        elif command in ("h", "help"):
+            self._say(CONSOLE_HELP)
+        else:
+            self._say("unknown command %r; commands: show (s), quit (q), add (a), "
+                      "remove N (r N), help (h)" % line)
+
+    def _console_add(self):
+        if self._stopping:
+            self._say("add: not while stopping (%s)" % self._stopping)
+        elif not len(self.scheduler):
+            self._say("add: no tasks are waiting; nothing for a new worker to do")
+        elif not self._free_slots and self.project.gpus_per_worker:
+            self._say("add: no GPUs left in reserve (every usable GPU share is held by a "
+                      "worker); remove a worker or widen INCLUDE_GPUS")
+        else:
+            if not self._free_slots:
+                self._slot_gpus.append(())
+                self._free_slots.append(len(self._slot_gpus) - 1)
+            worker = self._start_worker(self._free_slots.pop(0))
+            self._say("add: started worker %d%s" % (
+                worker.worker_id, " on GPU %s" % ",".join(worker.gpus) if worker.gpus else ""))
+
+    def _console_remove(self, arguments):
+        try:
+            worker = self._workers[int(arguments[0])]
+        except (IndexError, ValueError, KeyError):
+            self._say("remove: give the ID of a running worker (now: %s)" % (
+                ", ".join(str(i) for i in self._workers) or "none"))
+            return
+        worker.retiring = True
+        self._say("remove: worker %d takes no new task%s" % (
+            worker.worker_id, "; it finishes %s first" % worker.task.task_id
+            if worker.task else ""))
+
+    # -- reporting ----------------------------------------------------------
+
+    def _say(self, message):
+        self._out.write(message + "\n")
+        self._out.flush()
+
+    def _elapsed(self):
+        return time.monotonic() - self._started
+
+    def _eta(self):
+        done = self.succeeded + self.failed
+        if not done:
+            return None
+        return self._elapsed() / done * (self.total - done)
+
+    def _report_progress(self):
+        done = self.succeeded + self.failed
+        last_time, last_done = self._last_progress
+        now = time.monotonic()
+        tenths = done * 10 // self.total
+        if tenths > last_done * 10 // self.total or (
+                done != last_done and now - (last_time or self._started) >= PROGRESS_INTERVAL):
+            self._last_progress = (now, done)
+            self._say("[%s] %d/%d done, %d failed, ETA %s" % (
+                _format_duration(self._elapsed()), done, self.total, self.failed,
+                _format_duration(self._eta())))
+
+    def _show_table(self):
+        done = self.succeeded + self.failed
+        average = self._durations_sum / done if done else None
+        lines = [
+            "elapsed %s | tasks: %d succeeded, %d failed, %d skipped, %d remaining | "
+            "avg %s max %s per task | ETA %s" % (
+                _format_duration(self._elapsed()), self.succeeded, self.failed,
+                self.skipped, self.total - done, "%.2fs" % average if average is not None
+                else "?", "%.2fs" % self._durations_max if done else "?",
+                _format_duration(self._eta())),
+            "%-3s %-8s %-24s %-6s %-12s %-15s %s" % ("ID", "PID", "state", "GPUs", "CPU% now/max",
+                                                   "RAM now/max", "GPU mem now/max")]
+        for worker in self._workers.values():
+            state = worker.state
+            if worker.task is not None:
+                state = "busy %s %s" % (_format_duration(time.monotonic() - worker.task.started),
+                                        worker.task.task_id)
+            if worker.retiring:
+                state = "retiring, " + state
+            stats = worker.stats
+            lines.append("%-3d %-8s %-24s %-6s %-12s %-15s %s" % (
+                worker.worker_id, worker.pid, state[:24], ",".join(worker.gpus) or "-",
+                "%s/%s" % (stats.get("cpu", "?"), stats.get("cpu_max", "?")),
+                "%s/%s" % (_format_bytes(stats.get("rss")), _format_bytes(stats.get("rss_max"))),
+                "%s/%s" % (_format_bytes(stats.get("gpu")), _format_bytes(stats.get("gpu_max")))
+                if worker.gpus else "-"))
+        return "\n".join(lines)
+
+    def _print_summary(self):
+        stopped = self._stopping and len(self.scheduler)
+        self._say("%s in %s: %d succeeded, %d failed%s%s" % (
+            "stopped" if stopped else "done", _format_duration(self._elapsed()),
+            self.succeeded, self.failed,
+            ", %d not run" % len(self.scheduler) if len(self.scheduler) else "",
+            ", %d skipped (already succeeded)" % self.skipped if self.skipped else ""))
+        if self.failed:
+            self._say("failed tasks are listed in %s; `threadward run` again retries them"
+                      % _display_path(os.path.join(self.project.queue_dir,
+                                                   "failed_tasks.txt")))
+        return EXIT_OK if not self.failed and not stopped else EXIT_FAILED
+
+    # -- main-process hooks -------------------------------------------------
+
+    def _call_main_hook(self, name):
+        function = getattr(self.project.task_module, name, None)
+        if function is not None:
+            function()
+
+
+CONSOLE_HELP = """commands (type one and press Enter):
+  show (s)        progress, and each worker's state, CPU, RAM and GPU memory
+  quit (q)        no new tasks; running tasks finish, then teardown
+  add (a)         start one more worker under the same constraints
+  remove N (r N)  worker N takes no new task and shuts down after its current one
+  help (h)        this list"""
+
+
+###############################################################################
+# Worker mode (the child side) ################################################
+###############################################################################
+
+class _WorkerProcess:
+    """Runs inside a worker subprocess: reads tasks, runs them, reports."""
+
+    def __init__(self, project_dir, worker_id):
+        self.project = _Project(project_dir)
+        self.worker_id = worker_id
+        self.retained = {}            # variable name -> (value, nickname, converted)
+        self._libc = None
+
+    # -- the private protocol channel ---------------------------------------
+
+    def claim_channel(self):
+        """Move fd 0 and 1 aside for the protocol; point 0 at /dev/null and
+        1, 2 at the worker log, so nothing a task does can touch the channel."""
+        self.channel_in = os.dup(0)     # os.dup makes non-inheritable copies:
+        self.channel_out = os.dup(1)    # a task's child processes never get them
+        self.console = os.dup(2)
+        self.devnull = os.open(os.devnull, os.O_RDWR)
+        os.makedirs(self.project.worker_log_dir, exist_ok=True)
+        self.worker_log = os.path.join(self.project.worker_log_dir,
+                                       "worker_%d.log" % self.worker_id)
+        self.worker_log_fd = os.open(self.worker_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                                     os.O_APPEND, 0o666)
+        self._point_output(self.worker_log_fd)
+        self.reader = open(self.channel_in, "rb", buffering=0)
+
+    def send(self, message):
+        _write_all(self.channel_out, (json.dumps(message) + "\n").encode())
+
+    def _point_output(self, fd):
+        """Make fd 0 /dev/null and fd 1, 2 ``fd``, with fresh Python streams."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        self._flush_c_stdio()
+        os.dup2(self.devnull, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        # Line-buffered, and never closing the real fds, whatever a task does to them.
+        sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+        sys.stdin = open(0, "r", closefd=False)
+
+    def _flush_c_stdio(self):
+        # printf output of C extensions sits in libc buffers: flush it into
+        # the log it belongs to before the fds move.
+        try:
+            if self._libc is None:
+                import ctypes
+                self._libc = ctypes.CDLL(None)
+            self._libc.fflush(None)
+        except Exception:
+            pass
+
+    # -- the worker loop ----------------------------------------------------
+
+    def run(self):
+        self.claim_channel()
+        _become_subreaper()
+        try:
+            os.chdir(self.project.directory)
+            sys.path.insert(0, self.project.directory)
+            self.project.load_task_module()
+            self.project.load_variable_module()
+            self.converters = self.project.converters()
+            self.spec = self.project.task_module
+            self._call_hook("before_each_worker", self.worker_id)
+        except BaseException as exc:
+            traceback.print_exc()
+            error = str(exc) if isinstance(exc, ConfigError) else traceback.format_exc()
+            self._send_quietly({"op": "fatal", "error": error})
+            return 3
+        self._send_quietly({"op": "ready", "pid": os.getpid()})
+        while True:
+            line = self.reader.readline()
+            if not line or line.strip() == SHUT_DOWN.encode():
+                break    # end of input: the main process is gone or done with us
+            result = self.run_task(json.loads(line))
+            if not self._send_quietly(result):
+                return 0  # the main process is gone: never record anything
+        self._call_hook("after_each_worker", self.worker_id)
+        return 0
+
+    def _send_quietly(self, message):
+        try:
+            self.send(message)
+            return True
+        except OSError:
+            return False
+
+    def _call_hook(self, name, *arguments):
+        function = getattr(self.spec, name, None)
+        if function is not None:
+            return function(*arguments)
+        return None
+
+    # -- one task -----------------------------------------------------------
+
+    def run_task(self, message):
+        started = time.monotonic()
+        folder, log_file = message["folder"], message["log"]
+        mode = self.project.output_mode
+        try:
+            os.makedirs(folder, exist_ok=True)
+            log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                             0o666)
+        except OSError as exc:
+            return self._result(message, False, "cannot create the task folder or log: %s"
+                                % exc, started)
+        tee = None
+        if mode == "LOG_FILE_ONLY":
+            self._point_output(log_fd)
+        elif mode == "CONSOLE_ONLY":
+            self._point_output(self.console)
+        else:
+            tee = _Tee(log_fd, self.console)
+            self._point_output(tee.write_fd)
+        children_before = _child_pids()
+        try:
+            success, reason = self._run_hooks(message["vars"], folder, log_file)
+        finally:
+            self._point_output(self.worker_log_fd)
+            _end_new_children(children_before)
+            if tee is not None:
+                tee.close()
+            os.close(log_fd)
+        return self._result(message, success, reason, started)
+
+    def _result(self, message, success, reason, started):
+        return {"op": "result", "id": message["id"], "status": 0 if success else 1,
+                "reason": reason, "seconds": time.monotonic() - started}
+
+    def _run_hooks(self, variable_list, folder, log_file):
+        """before_each_task, task_method, after_each_task, verify_task_success,
+        judged by SUCCESS_CONDITION; returns (success, one-line reason)."""
+        condition = self.project.success_condition
+        error = None
+        variables = None
+        try:
+            variables = self._convert(variable_list)
+            self._call_hook("before_each_task", variables, folder, log_file)
+            try:
+                self.spec.task_method(variables, folder, log_file)
+            finally:
+                self._call_hook("after_each_task", variables, folder, log_file)
+        except (Exception, SystemExit) as exc:
+            traceback.print_exc()
+            error = "%s: %s" % (type(exc).__name__, exc)
+        if condition == "ALWAYS_SUCCESS":
+            return True, ""
+        if condition == "NO_ERROR_ONLY":
+            return error is None, error or ""
+        if condition == "NO_ERROR_AND_VERIFY" and error is not None:
+            return False, error
+        verify = getattr(self.spec, "verify_task_success", None)
+        if verify is None:
+            return (True, "") if condition == "VERIFY_ONLY" else (error is None, error or "")
+        try:
+            verified = verify(variables, folder, log_file)
+        except Exception as exc:
+            traceback.print_exc()
+            return False, "verify_task_success raised %s: %s" % (type(exc).__name__, exc)
+        if verified:
+            return True, ""
+        return False, "verify_task_success returned %r" % (verified,) + (
+            " (after %s)" % error if error else "")
+
+    def _convert(self, variable_list):
+        """{name: value} for a task; converters run only for changed values,
+        and a changed value's old object is released before the new one is made."""
+        changed = []
+        for name, value, nickname in variable_list:
+            held = self.retained.get(name)
+            if held is None or held[0] != value or held[1] != nickname \
+                    or type(held[0]) is not type(value):
+                changed.append((name, value, nickname))
+        released = False
+        for name, _, _ in changed:
+            if self.retained.pop(name, None) is not None and name in self.converters:
+                released = True
+        if released:
+            gc.collect()   # free the old model before the converter loads the new one
+        for name, value, nickname in changed:
+            converter = self.converters.get(name)
+            converted = converter(str(value), nickname) if converter else value
+            self.retained[name] = (value, nickname, converted)
+        return {name: self.retained[name][2] for name, _, _ in variable_list}
+
+
+class _Tee:
+    """LOG_FILE_AND_CONSOLE: a pipe whose bytes go to the log and the console."""
+
+    def __init__(self, log_fd, console_fd):
+        read_fd, self.write_fd = os.pipe()
+        self._thread = threading.Thread(target=self._copy, args=(read_fd, log_fd, console_fd),
+                                        daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _copy(read_fd, log_fd, console_fd):
+        try:
+            while True:
+                data = os.read(read_fd, READ_SIZE)
+                if not data:
+                    break
+                for fd in (log_fd, console_fd):
+                    try:
+                        _write_all(fd, data)
+                    except OSError:
+                        pass
+        finally:
+            os.close(read_fd)
+
+    def close(self):
+        os.close(self.write_fd)
+        self._thread.join(KILL_WAIT)
+
+
+def _become_subreaper():
+    """Linux: orphaned descendants of a task are re-parented to the worker, so
+    a double-forked background process is still found (and ended) at task end."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+    except Exception:
+        pass
+
+
+def _child_pids():
+    """PIDs of this process's children.  /proc/self/task/*/children costs
+    microseconds; a psutil scan of every process is the fallback."""
+    try:
+        pids = set()
+        for thread in os.listdir("/proc/self/task"):
+            with open("/proc/self/task/%s/children" % thread) as stream:
+                pids.update(int(pid) for pid in stream.read().split())
+        return pids
+    except (OSError, ValueError):
+        pass
+    psutil = _import_psutil()
+    if psutil is None:
+        return set()
+    try:
+        return {p.pid for p in psutil.Process().children()}
+    except psutil.Error:
+        return set()
+
+
+def _end_new_children(before):
+    """End processes a task started and left behind (they may hold GPU memory)."""
+    for _ in range(3):   # orphans of the ended ones come back to us as children
+        new = _child_pids() - before
+        if not new:
+            return
+        _end_processes(new)
+
+
+def _end_processes(pids):
+    psutil = _import_psutil()
+    if psutil is None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        return
+    left = []
+    for pid in pids:
+        try:
+            left.extend([psutil.Process(pid)] + psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    for process in left:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=KILL_WAIT)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+
+
+def _worker_main(argv):
+    project_dir, worker_id = argv[0], int(argv[1])
+    return _WorkerProcess(project_dir, worker_id).run()
+
+
+###############################################################################
+# Project scaffolding (init) ##################################################
+###############################################################################
+
+def _template_dir():
+    """templates/ beside this file (checkout, vendored copy, editable install),
+    or where setup.py installs it (sys.prefix/share/threadward/templates)."""
+    import site
+    candidates = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"),
+                  os.path.join(sys.prefix, "share", "threadward", "templates")]
+    user_base = getattr(site, "USER_BASE", None)
+    if user_base:
+        candidates.append(os.path.join(user_base, "share", "threadward", "templates"))
+    for candidate in candidates:
+        if all(os.path.isfile(os.path.join(candidate, f)) for f in CONFIG_FILES):
+            return candidate
+    raise ThreadwardError(
+        "the templates/ folder was not found (looked in %s); copy templates/ from the "
+        "threadward source next to threadward.py" % ", ".join(candidates))
+
+
+def init_project(directory, out=None):
+    """Create DIR/threadward/ from the templates; never overwrite a file."""
+    out = out or sys.stdout
+    project = _Project(directory)
+    templates = _template_dir()
+    os.makedirs(project.queue_dir, exist_ok=True)
+    created, kept = [], []
+    for name in CONFIG_FILES:
+        target = project.path(name)
+        if os.path.exists(target):
+            kept.append(target)
+            continue
+        with open(os.path.join(templates, name)) as source:
+            text = source.read()
+        with open(target, "x") as stream:
+            stream.write(text)
+        created.append(target)
+    for name in ("all_tasks.json",) + RESULT_FILES:
+        target = os.path.join(project.queue_dir, name)
+        if os.path.exists(target):
+            kept.append(target)
+        else:
+            open(target, "x").close()
+            created.append(target)
+    for path in created:
+        out.write("created %s\n" % _display_path(path))
+    if kept:
+        out.write("left alone (already there): %s\n" % ", ".join(
+            _display_path(p) for p in kept))
+    out.write("next: fill in %s, then `threadward run%s`\n" % (
+        _display_path(project.config_dir),
+        "" if os.path.abspath(directory) == os.getcwd() else " " + directory))
+    return EXIT_OK
+
+
+###############################################################################
+# Command-line interface ######################################################
+###############################################################################
+
+def _build_parser():
+    parser = argparse.ArgumentParser(
+        prog="threadward",
+        description="Run a Python task over every combination of variables on persistent "
+                    "subprocess workers.")
+    parser.add_argument("--version", action="version", version="threadward " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    init = commands.add_parser("init", help="create DIR/threadward/ with the three template "
+                                            "files to fill in")
+    init.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    run = commands.add_parser("run", help="run every task of DIR/threadward/")
+    run.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    run.add_argument("--fresh", action="store_true",
+                     help="forget earlier results and run every task again")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the tasks, workers and GPUs, and run nothing")
+    status = commands.add_parser("status", help="show a running sweep (from another terminal)")
+    status.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    return parser
+
+
+def _cmd_init(args):
+    return init_project(args.directory)
+
+
+def _cmd_run(args):
+    return Threadward(args.directory, fresh=args.fresh, dry_run=args.dry_run).run()
+
+
+def _cmd_status(args):
+    project = _Project(args.directory)
+    try:
+        with open(project.status_file) as stream:
+            status = json.load(stream)
+    except FileNotFoundError:
+        raise ThreadwardError("no status file at %s; is a run going on in this project?"
+                              % _display_path(project.status_file))
+    sys.stdout.write(status.get("show", "") + "\n")
+    return EXIT_OK
+
+
+def main(argv=None):
+    """The `threadward` command; returns the exit code."""
+    # User files that `import threadward` must get this module, not a second copy.
+    if __name__ == "__main__":
+        sys.modules.setdefault("threadward", sys.modules["__main__"])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _ensure_std_fds()
+    if argv[:1] == [WORKER_MODE]:
+        return _worker_main(argv[1:])
+    args = _build_parser().parse_args(argv)
+    handler = {"init": _cmd_init, "run": _cmd_run, "status": _cmd_status}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        _stderr("configuration error: %s" % exc)
+        return EXIT_USAGE
+    except ThreadwardError as exc:
+        _stderr("error: %s" % exc)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _stderr("interrupted before any task ran")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
