@@ -847,7 +847,133 @@ def _plan_gpu_slots(project, found, parent_visible):
     for start in range(0, len(usable) - per_worker + 1, per_worker):
         group = tuple(names[g] for g in usable[start:start + per_worker])
         slots.extend([group] * share)
-    return slots
+    uuid_of_index = dict(found)
+    return slots, {names[i]: uuid_of_index[i] for i in names}
+
+
+###############################################################################
+# Monitoring ##################################################################
+###############################################################################
+
+def _update_stat(stats, name, value):
+    stats[name] = value
+    if value is not None:
+        stats[name + "_max"] = max(value, stats.get(name + "_max") or 0)
+
+
+class _Monitor:
+    """CPU, RAM and GPU memory of each worker and all its descendants.
+
+    psutil is sampled in the loop (one pass over the process table per
+    sample).  nvidia-smi runs as a child whose stdout the selector reads like
+    any worker pipe, so a slow or hung nvidia-smi never blocks the loop; a hung
+    one is killed after NVIDIA_SMI_TIMEOUT and the figures show as unknown.
+    """
+
+    QUERY = ["nvidia-smi", "--query-compute-apps=pid,used_memory,gpu_uuid",
+             "--format=csv,noheader,nounits"]
+
+    def __init__(self, selector, gpu_uuids):
+        self._psutil = _import_psutil()
+        self._selector = selector
+        self._gpu_uuids = gpu_uuids
+        self._processes = {}      # pid -> psutil.Process, kept for cpu_percent's baseline
+        self._descendants = {}    # worker id -> pids of the worker and its descendants
+        self._query = None        # the running nvidia-smi, its output and deadline
+        self._query_output = []
+        self._query_deadline = None
+        self._gpu_available = bool(gpu_uuids)
+
+    def deadline(self):
+        return self._query_deadline
+
+    def sample(self, workers):
+        """Refresh every worker's CPU % and RSS (its whole process tree)."""
+        psutil = self._psutil
+        if psutil is None:
+            return
+        children = collections.defaultdict(list)
+        for process in psutil.process_iter(["ppid"]):
+            children[process.info["ppid"]].append(process.pid)
+        seen = set()
+        for worker in workers:
+            pids, stack = [], [worker.pid]
+            while stack:
+                pid = stack.pop()
+                pids.append(pid)
+                stack.extend(children.get(pid, ()))
+            self._descendants[worker.worker_id] = set(pids)
+            cpu = rss = 0.0
+            for pid in pids:
+                seen.add(pid)
+                try:
+                    process = self._processes.get(pid)
+                    if process is None:
+                        process = self._processes[pid] = psutil.Process(pid)
+                    cpu += process.cpu_percent(None)
+                    rss += process.memory_info().rss
+                except psutil.Error:
+                    self._processes.pop(pid, None)
+            _update_stat(worker.stats, "cpu", int(round(cpu)))
+            _update_stat(worker.stats, "rss", int(rss))
+        for pid in list(self._processes):
+            if pid not in seen:
+                del self._processes[pid]
+
+    def start_gpu_query(self, workers):
+        """Start nvidia-smi unless one is running; its output arrives later.
+        ``workers`` is called then, for the workers alive at that moment."""
+        if not self._gpu_available or self._query is not None:
+            return
+        try:
+            self._query = subprocess.Popen(self.QUERY, stdout=subprocess.PIPE,
+                                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        except OSError:
+            self._gpu_available = False
+            return
+        self._query_output = []
+        self._query_deadline = time.monotonic() + NVIDIA_SMI_TIMEOUT
+        self._selector.register(self._query.stdout.fileno(), selectors.EVENT_READ,
+                                lambda: self._on_query_output(workers))
+
+    def _on_query_output(self, workers):
+        data = os.read(self._query.stdout.fileno(), READ_SIZE)
+        if data:
+            self._query_output.append(data)
+            return
+        self._finish_query()
+        usage = collections.Counter()
+        for line in b"".join(self._query_output).decode("utf-8", "replace").splitlines():
+            fields = [field.strip() for field in line.split(",")]
+            try:
+                usage[int(fields[0]), fields[2]] += int(float(fields[1])) * 1024 * 1024
+            except (IndexError, ValueError):
+                continue
+        for worker in workers():
+            uuids = {self._gpu_uuids.get(gpu, gpu) for gpu in worker.gpus}
+            pids = self._descendants.get(worker.worker_id, {worker.pid})
+            _update_stat(worker.stats, "gpu", sum(
+                used for (pid, uuid), used in usage.items() if pid in pids and uuid in uuids))
+
+    def _finish_query(self):
+        self._selector.unregister(self._query.stdout.fileno())
+        self._query.stdout.close()
+        if self._query.poll() is None:
+            self._query.kill()
+        self._query.wait()
+        self._query = None
+        self._query_deadline = None
+
+    def expire(self, workers):
+        """A hung nvidia-smi: kill it; GPU figures are unknown until the next one."""
+        if self._query_deadline is not None and time.monotonic() >= self._query_deadline:
+            self._finish_query()
+            for worker in workers:
+                worker.stats["gpu"] = None
+
+    def close(self):
+        if self._query is not None:
+            self._finish_query()
 
 
 ###############################################################################
@@ -959,6 +1085,9 @@ class Threadward:
         self._next_worker_id = 0
         self._free_slots = []         # GPU shares not held by a worker
         self._slot_gpus = []
+        self._gpu_uuids = {}          # CUDA_VISIBLE_DEVICES entry -> GPU UUID
+        self._monitor = None
+        self._next_sample = None
         self._start_failures = collections.Counter()   # slot -> failed starts in a row
         self._stopping = None         # None, or why no new tasks are handed out
         self._interrupting = False
@@ -993,6 +1122,8 @@ class Threadward:
             self._gpu_summary(), _display_path(project.output_dir)))
         self._open_result_files()
         self._selector = _Selector()
+        self._monitor = _Monitor(self._selector, self._gpu_uuids)
+        self._next_sample = self._started + STATUS_INTERVAL
         try:
             self._install_signal_handlers()
             self._register_console()
@@ -1005,6 +1136,8 @@ class Threadward:
                 self._call_main_hook("after_all_tasks")
         finally:
             self._restore_signal_handlers()
+            self._monitor.close()
+            self._write_status("finished")
             self._selector.close()
             for fd in self._result_fds.values():
                 os.close(fd)
@@ -1016,8 +1149,8 @@ class Threadward:
         project = self.project
         if project.gpus_per_worker:
             found = _discover_gpus()
-            self._slot_gpus = _plan_gpu_slots(project, found,
-                                              os.environ.get("CUDA_VISIBLE_DEVICES"))
+            self._slot_gpus, self._gpu_uuids = _plan_gpu_slots(
+                project, found, os.environ.get("CUDA_VISIBLE_DEVICES"))
         else:
             self._slot_gpus = [()] * project.num_workers
         self._free_slots = list(range(len(self._slot_gpus)))
@@ -1163,8 +1296,10 @@ class Threadward:
         deadlines = [w.deadline[0] for w in self._workers.values() if w.deadline]
         deadlines.append(self._last_progress[0] + PROGRESS_INTERVAL
                          if self._last_progress[0] else self._started + PROGRESS_INTERVAL)
-        if self._stop_deadline:
-            deadlines.append(self._stop_deadline)
+        deadlines.append(self._next_sample)
+        for deadline in (self._stop_deadline, self._monitor.deadline()):
+            if deadline:
+                deadlines.append(deadline)
         return max(0.0, min(deadlines) - now)
 
     _stop_deadline = None
@@ -1180,6 +1315,25 @@ class Threadward:
                 action = worker.deadline[1]
                 worker.deadline = None
                 action(worker)
+        self._monitor.expire(list(self._workers.values()))
+        if now >= self._next_sample:
+            self._next_sample = now + STATUS_INTERVAL
+            self._sample()
+
+    def _sample(self):
+        workers = [w for w in self._workers.values() if w.pid]
+        self._monitor.sample(workers)
+        if any(w.gpus for w in workers):
+            self._monitor.start_gpu_query(lambda: list(self._workers.values()))
+        self._write_status("running")
+
+    def _write_status(self, state):
+        try:
+            _atomic_write(self.project.status_file, json.dumps({
+                "state": state, "pid": os.getpid(), "updated": time.time(),
+                "show": self._show_table()}, indent=1) + "\n")
+        except OSError as exc:
+            self._say("could not write %s: %s" % (self.project.status_file, exc))
 
     # -- workers: start, read, reap -----------------------------------------
 
@@ -1478,7 +1632,9 @@ class Threadward:
             else:
                 self._say("already stopping (%s)" % self._stopping)
         elif command in ("s", "show"):
+            self._monitor.sample([w for w in self._workers.values() if w.pid])
             self._say(self._show_table())
+
         elif command in ("a", "add"):
             self._console_add()
         elif command in ("r", "remove"):
@@ -1544,33 +1700,38 @@ class Threadward:
                 _format_duration(self._elapsed()), done, self.total, self.failed,
                 _format_duration(self._eta())))
 
+    SHOW_ROW = "%3s  %-8s %-7s %-32s %11s  %-13s %s"
+
     def _show_table(self):
+        """The `show` view (also in status.json): fits 100 columns."""
         done = self.succeeded + self.failed
-        average = self._durations_sum / done if done else None
         lines = [
-            "elapsed %s | tasks: %d succeeded, %d failed, %d skipped, %d remaining | "
-            "avg %s max %s per task | ETA %s" % (
-                _format_duration(self._elapsed()), self.succeeded, self.failed,
-                self.skipped, self.total - done, "%.2fs" % average if average is not None
-                else "?", "%.2fs" % self._durations_max if done else "?",
-                _format_duration(self._eta())),
-            "%-3s %-8s %-24s %-6s %-12s %-15s %s" % ("ID", "PID", "state", "GPUs", "CPU% now/max",
-                                                   "RAM now/max", "GPU mem now/max")]
+            "elapsed %s   ETA %s   per task: avg %s, max %s" % (
+                _format_duration(self._elapsed()), _format_duration(self._eta()),
+                "%.2fs" % (self._durations_sum / done) if done else "?",
+                "%.2fs" % self._durations_max if done else "?"),
+            "tasks: %d succeeded, %d failed, %d skipped (done before), %d remaining of %d" % (
+                self.succeeded, self.failed, self.skipped, self.total - done,
+                self.total + self.skipped),
+            self.SHOW_ROW % ("ID", "PID", "GPUs", "state", "CPU% now/max", "RAM now/max",
+                             "GPU mem now/max")]
         for worker in self._workers.values():
             state = worker.state
             if worker.task is not None:
+                task_id = worker.task.task_id
                 state = "busy %s %s" % (_format_duration(time.monotonic() - worker.task.started),
-                                        worker.task.task_id)
+                                        task_id if len(task_id) <= 18 else ".." + task_id[-16:])
             if worker.retiring:
-                state = "retiring, " + state
+                state = "removing; " + state
             stats = worker.stats
-            lines.append("%-3d %-8s %-24s %-6s %-12s %-15s %s" % (
-                worker.worker_id, worker.pid, state[:24], ",".join(worker.gpus) or "-",
+            lines.append(self.SHOW_ROW % (
+                worker.worker_id, worker.pid, ",".join(worker.gpus)[:7] or "-", state[:32],
                 "%s/%s" % (stats.get("cpu", "?"), stats.get("cpu_max", "?")),
                 "%s/%s" % (_format_bytes(stats.get("rss")), _format_bytes(stats.get("rss_max"))),
                 "%s/%s" % (_format_bytes(stats.get("gpu")), _format_bytes(stats.get("gpu_max")))
                 if worker.gpus else "-"))
         return "\n".join(lines)
+
 
     def _print_summary(self):
         stopped = self._stopping and len(self.scheduler)
