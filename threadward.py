@@ -128,7 +128,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Long enough for a task to flush and close files, short enough that a stuck
 # CUDA call does not hold up a quit.
 KILL_WAIT = 5.0
-# Preemption: after SIGTERM, running tasks get this long before they are ended.
+# Preemption: after SIGTERM, running tasks get this long before they are ended
+# (the default of the SIGTERM_GRACE setting; Slurm's KillWait is often 30 s).
 SIGTERM_GRACE = 30.0
 # Progress lines: at least every 10% of the tasks, and at least this often.
 PROGRESS_INTERVAL = 30.0
@@ -215,7 +216,12 @@ def _write_all(fd, data):
         data = data[written:]
 
 
+def _plural(count, noun):
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
+
+
 def _format_duration(seconds):
+
     if seconds is None:
         return "?"
     seconds = int(round(seconds))
@@ -278,7 +284,8 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 
 def _safe_component(name):
     """One safe path component made from a nickname or a value, or None."""
-    name = "".join("_" if ch in "/\\" or ord(ch) < 32 or ord(ch) == 127 else ch
+    name = "".join("_" if ch in "/\\" or ord(ch) < 32 or ord(ch) == 127
+                   or 0xD800 <= ord(ch) <= 0xDFFF else ch   # lone surrogates: not UTF-8
                    for ch in name)
     if name.startswith("-"):
         name = "_" + name[1:]
@@ -482,7 +489,30 @@ class Task:
                            separators=(",", ":")) + "\n").encode()
 
 
+def _case_insensitive(directory):
+    """Whether the filesystem holding ``directory`` ignores case (macOS, some mounts)."""
+    probe = os.path.join(directory, ".threadward-Case-Probe-%d" % os.getpid())
+    open(probe, "w").close()
+    try:
+        return os.path.exists(probe.lower())
+    finally:
+        os.unlink(probe)
+
+
+def _check_case_collisions(variable_set, path):
+    for variable in variable_set.variables:
+        seen = {}
+        for folder in variable.folders:
+            other = seen.setdefault(folder.lower(), folder)
+            if other != folder:
+                raise ConfigError(
+                    "variable %r: folders %r and %r differ only in case, and this filesystem "
+                    "ignores case, so two tasks would share a folder; give them distinct "
+                    "nicknames" % (variable.name, other, folder), _display_path(path))
+
+
 def _task_id(folders, location):
+
     return "/".join(folders) if location == "VARIABLE_SUBFOLDER" else "_".join(folders)
 
 
@@ -710,6 +740,7 @@ class _Project:
         self.success_condition = _choice_setting(module, path, "SUCCESS_CONDITION",
                                                  SUCCESS_CONDITIONS)
         self.output_mode = _choice_setting(module, path, "OUTPUT_MODE", OUTPUT_MODES)
+        self.sigterm_grace = _number_setting(module, path, "SIGTERM_GRACE", SIGTERM_GRACE, 0)
         self.task_timeout = _number_setting(module, path, "TASK_TIMEOUT", None, 0.001,
                                             allow_none=True)
         self.task_module = module
@@ -742,13 +773,9 @@ class _Project:
         self.gpus_per_worker, self.workers_per_gpu = _gpus_per_worker(constraints, path)
         self.avoid_gpus = _gpu_list_setting(constraints, path, "AVOID_GPUS")
         self.include_gpus = _gpu_list_setting(constraints, path, "INCLUDE_GPUS")
-        if self.avoid_gpus and self.include_gpus:
-            overlap = sorted(set(self.avoid_gpus) & set(self.include_gpus))
-            if overlap:
-                raise ConfigError("GPUs %s are in both INCLUDE_GPUS and AVOID_GPUS; keep each "
-                                  "GPU in one list" % ", ".join(overlap),
-                                  _setting_line(path, "AVOID_GPUS"))
         self.constraints_path = path
+        if not self.gpus_per_worker:   # a GPU sweep checks this with the GPUs found
+            _check_gpu_overlap(self, "")
         self.variable_set = self._build_variable_set()
 
     def _build_variable_set(self):
@@ -780,14 +807,35 @@ class _Project:
 # GPUs ########################################################################
 ###############################################################################
 
-def _discover_gpus():
+def _check_gpu_overlap(project, found):
+    overlap = sorted(set(project.avoid_gpus or ()) & set(project.include_gpus or ()))
+    if overlap:
+        raise ConfigError("GPUs %s are in both INCLUDE_GPUS and AVOID_GPUS; keep each GPU in "
+                          "one list%s" % (", ".join(overlap), found),
+                          _setting_line(project.constraints_path, "AVOID_GPUS"))
+
+
+def _discover_gpus(project):
     """[(index string, uuid)] of this machine's GPUs, via GPUtil (nvidia-smi)."""
-    gputil = _import_gputil()
+    where = _setting_line(project.constraints_path, "NUM_GPUS_PER_WORKER")
+    try:
+        gputil = _import_gputil()
+    except ConfigError as exc:
+        exc.where = where
+        raise
     try:
         gpus = gputil.getGPUs()
     except Exception as exc:
         raise ConfigError("GPUs were requested but GPUtil could not list them (%s); is "
-                          "nvidia-smi working?" % _one_line(exc))
+                          "nvidia-smi working?" % _one_line(exc), where)
+    if not gpus:
+        import shutil
+        raise ConfigError(
+            "GPUs were requested (NUM_GPUS_PER_WORKER) but none were found: %s; set "
+            "NUM_GPUS_PER_WORKER = 0 for a CPU sweep" % (
+                "nvidia-smi lists no GPUs" if shutil.which("nvidia-smi")
+                else "nvidia-smi is not on PATH (no NVIDIA driver here?)"), where)
+
     return [(str(gpu.id), str(gpu.uuid)) for gpu in gpus]
 
 
@@ -800,6 +848,7 @@ def _plan_gpu_slots(project, found, parent_visible):
     workers name their GPUs the same way it does (numbers or UUIDs).
     """
     where = _setting_line(project.constraints_path, "NUM_GPUS_PER_WORKER")
+    _check_gpu_overlap(project, " (found: %s)" % (", ".join(i for i, _ in found) or "none"))
     names = {index: index for index, _ in found}
     usable = [index for index, _ in found]
     description = ", ".join(usable) or "none"
@@ -1091,6 +1140,8 @@ class Threadward:
         self._start_failures = collections.Counter()   # slot -> failed starts in a row
         self._stopping = None         # None, or why no new tasks are handed out
         self._interrupting = False
+        self._hook_failed = False
+
         self._wakeup = None
         self._old_signals = {}
         self._result_fds = {}
@@ -1104,6 +1155,21 @@ class Threadward:
     # -- public entry -------------------------------------------------------
 
     def run(self):
+        """Run the project; returns the exit code (ConfigError before anything runs)."""
+        if not os.path.isdir(self.project.directory):
+            raise ConfigError("%s is not a directory" % self.project.directory)
+        # The main-process hooks see what the workers see: the project as the
+        # working directory and on sys.path.
+        previous = os.getcwd()
+        os.chdir(self.project.directory)
+        sys.path.insert(0, self.project.directory)
+        try:
+            return self._run()
+        finally:
+            os.chdir(previous)
+            sys.path.remove(self.project.directory)
+
+    def _run(self):
         project = self.project
         project.load()
         self._plan_workers()
@@ -1115,10 +1181,10 @@ class Threadward:
                       "again)" % self.skipped)
             return EXIT_OK
         self._started = time.monotonic()
-        self._say("%s%d tasks on %d worker%s%s; task output in %s" % (
+        self._say("%s%s on %s%s; task output in %s" % (
             "%d of %d tasks already succeeded; running " % (
                 self.skipped, self.skipped + self.total) if self.skipped else "running ",
-            self.total, project.num_workers, "" if project.num_workers == 1 else "s",
+            _plural(self.total, "task"), _plural(project.num_workers, "worker"),
             self._gpu_summary(), _display_path(project.output_dir)))
         self._open_result_files()
         self._selector = _Selector()
@@ -1127,13 +1193,16 @@ class Threadward:
         try:
             self._install_signal_handlers()
             self._register_console()
-            self._call_main_hook("before_all_tasks")
+            if not self._call_main_hook("before_all_tasks"):
+                self._stop("before_all_tasks raised")
+                return self._print_summary()
             try:
                 self._start_workers()
                 self._loop()
             finally:
                 self._stop_all_workers()
-                self._call_main_hook("after_all_tasks")
+                if not self._call_main_hook("after_all_tasks"):
+                    self._hook_failed = True
         finally:
             self._restore_signal_handlers()
             self._monitor.close()
@@ -1148,7 +1217,11 @@ class Threadward:
     def _plan_workers(self):
         project = self.project
         if project.gpus_per_worker:
-            found = _discover_gpus()
+            try:
+                found = _discover_gpus(project)
+            except ConfigError:
+                _check_gpu_overlap(project, " (and no GPUs were found)")
+                raise
             self._slot_gpus, self._gpu_uuids = _plan_gpu_slots(
                 project, found, os.environ.get("CUDA_VISIBLE_DEVICES"))
         else:
@@ -1186,6 +1259,8 @@ class Threadward:
         project = self.project
         variable_set = project.variable_set
         os.makedirs(project.queue_dir, exist_ok=True)
+        if _case_insensitive(project.queue_dir):
+            _check_case_collisions(variable_set, project.path("variable_iteration.py"))
         succeeded = set() if self.fresh else self._read_succeeded()
         scheduler = _Scheduler(len(variable_set.variables))
         path = os.path.join(project.queue_dir, "all_tasks.json")
@@ -1221,6 +1296,12 @@ class Threadward:
                             "\"VARIABLE_SUBFOLDER\" or nicknames without \"_\"" % task_id,
                             _display_path(project.path("variable_iteration.py")))
                     seen_ids.add(task_id)
+                if location == "VARIABLE_UNDERSCORE" and len(task_id.encode()) > 255:
+                    raise ConfigError(
+                        "the folder name %r is longer than a filesystem allows (255 bytes); "
+                        "use shorter nicknames or TASK_FOLDER_LOCATION = \"VARIABLE_SUBFOLDER\""
+                        % task_id, _display_path(project.path("variable_iteration.py")))
+
                 folder = "/".join((output_root,) + tuple(folders)) \
                     if location == "VARIABLE_SUBFOLDER" else output_root + "/" + task_id
                 stream.write('%s{"task_id": %s, "task_folder": %s, "variables": %s}' % (
@@ -1237,7 +1318,7 @@ class Threadward:
         for name in RESULT_FILES:
             path = os.path.join(self.project.queue_dir, name)
             truncate = self.fresh or name == "failed_tasks.txt"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND |
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND |
                          (os.O_TRUNC if truncate else 0), 0o666)
             self._result_fds[name] = fd
             self._drop_torn_line(fd)
@@ -1532,7 +1613,13 @@ class Threadward:
 
     def _append(self, name, line):
         # One write per line on an O_APPEND file: a crash leaves whole lines only.
-        _write_all(self._result_fds[name], (line + "\n").encode("utf-8"))
+        try:
+            _write_all(self._result_fds[name], (line + "\n").encode("utf-8"))
+        except OSError as exc:
+            self._say("cannot record %r in %s (%s); stopping: free space or fix permissions, "
+                      "then run again" % (line, name, exc))
+            self._stop("results cannot be written")
+
 
     # -- stopping -----------------------------------------------------------
 
@@ -1548,7 +1635,7 @@ class Threadward:
         self._interrupting = True
         self._stop("interrupted")
         for worker in self._workers.values():
-            if worker.state in (Worker.BUSY, Worker.STARTING):
+            if worker.state != Worker.IDLE:
                 self._end_worker(worker)
 
     # -- signals ------------------------------------------------------------
@@ -1591,9 +1678,9 @@ class Threadward:
             elif signum in (signal.SIGINT, signal.SIGTERM) and not self._stopping:
                 self._stop("stopped by %s" % signal.Signals(signum).name)
                 if signum == signal.SIGTERM:
-                    self._stop_deadline = time.monotonic() + SIGTERM_GRACE
+                    self._stop_deadline = time.monotonic() + self.project.sigterm_grace
                     self._say("SIGTERM: no new tasks; running tasks get %ds to finish"
-                              % SIGTERM_GRACE)
+                              % self.project.sigterm_grace)
                 else:
                     self._say("stopping: no new tasks; running tasks finish "
                               "(press Ctrl-C again to stop running tasks)")
@@ -1665,9 +1752,11 @@ class Threadward:
         try:
             worker = self._workers[int(arguments[0])]
         except (IndexError, ValueError, KeyError):
-            self._say("remove: give the ID of a running worker (now: %s)" % (
+            self._say("remove: %s; running workers: %s" % (
+                "no worker %s" % arguments[0] if arguments else "give a worker ID",
                 ", ".join(str(i) for i in self._workers) or "none"))
             return
+
         worker.retiring = True
         self._say("remove: worker %d takes no new task%s" % (
             worker.worker_id, "; it finishes %s first" % worker.task.task_id
@@ -1744,14 +1833,23 @@ class Threadward:
             self._say("failed tasks are listed in %s; `threadward run` again retries them"
                       % _display_path(os.path.join(self.project.queue_dir,
                                                    "failed_tasks.txt")))
-        return EXIT_OK if not self.failed and not stopped else EXIT_FAILED
+        if self._hook_failed:
+            self._say("after_all_tasks raised (see above)")
+        return EXIT_OK if not (self.failed or stopped or self._hook_failed) else EXIT_FAILED
 
     # -- main-process hooks -------------------------------------------------
 
     def _call_main_hook(self, name):
+        """Run before_all_tasks or after_all_tasks; False (and the traceback
+        on the console) if it raised."""
         function = getattr(self.project.task_module, name, None)
-        if function is not None:
-            function()
+        try:
+            if function is not None:
+                function()
+            return True
+        except Exception:
+            self._say("%s raised:\n%s" % (name, traceback.format_exc().rstrip()))
+            return False
 
 
 CONSOLE_HELP = """commands (type one and press Enter):
@@ -1936,15 +2034,16 @@ class _WorkerProcess:
         return False, "verify_task_success returned %r" % (verified,) + (
             " (after %s)" % error if error else "")
 
+    def _holds(self, name, value, nickname):
+        held = self.retained.get(name)
+        return held is not None and held[1] == nickname and held[0] == value \
+            and type(held[0]) is type(value)
+
     def _convert(self, variable_list):
         """{name: value} for a task; converters run only for changed values,
         and a changed value's old object is released before the new one is made."""
-        changed = []
-        for name, value, nickname in variable_list:
-            held = self.retained.get(name)
-            if held is None or held[0] != value or held[1] != nickname \
-                    or type(held[0]) is not type(value):
-                changed.append((name, value, nickname))
+        changed = [(name, value, nickname) for name, value, nickname in variable_list
+                   if not self._holds(name, value, nickname)]
         released = False
         for name, _, _ in changed:
             if self.retained.pop(name, None) is not None and name in self.converters:

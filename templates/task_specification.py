@@ -25,6 +25,11 @@ OUTPUT_MODE = "LOG_FILE_ONLY"
 # failed with the reason "timeout" (None: no limit).
 TASK_TIMEOUT = None
 
+# Seconds running tasks get to finish after threadward receives SIGTERM (as
+# Slurm sends before it ends a job); then they are ended and recorded as
+# "interrupted", so the next `threadward run` retries them.
+SIGTERM_GRACE = 30
+
 
 def task_method(variables, task_folder, log_file):
     """Run one task.

@@ -1,0 +1,165 @@
+"""B1 dispatch: N no-op tasks on 2 workers, end to end.
+
+threadward gives every task its folder, its log file and fd redirection;
+the baselines do less (the "+ folder + log" pool row does the same file
+work, to show what that costs by itself).  The marginal row removes
+threadward's fixed start-up cost: (N - 1) / (T(N) - T(1)).
+
+Creating a folder and a file is a file-system operation whose cost depends
+on the disk: the "1 process, serial" row is that floor for the scratch disk
+(TMPDIR), and the tmpfs row runs threadward with its project in /dev/shm,
+which shows threadward's own dispatch cost without the disk.
+"""
+
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import common
+
+WORKERS = 2
+TARGET_RATE = 5000.0
+
+TASK = """
+SUCCESS_CONDITION = "NO_ERROR_ONLY"
+
+def task_method(variables, task_folder, log_file):
+    pass
+"""
+VARIABLES = """
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="i", values=list(range(%d)))
+"""
+RESOURCES = "NUM_WORKERS = %d\n" % WORKERS
+
+
+def noop(_):
+    return None
+
+
+def with_folder_and_log(arguments):
+    """What threadward does per task besides calling it: folder, log, fd redirection."""
+    root, index = arguments
+    folder = os.path.join(root, str(index))
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, "task.log"),
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666)
+    saved = os.dup(1), os.dup(2)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    for descriptor in saved + (fd,):
+        os.close(descriptor)
+
+
+def serial_files_wall(root, count):
+    started = time.perf_counter()
+    for index in range(count):
+        with_folder_and_log((root, index))
+    return time.perf_counter() - started
+
+
+def threadward_wall(scratch, name, count):
+    def once():
+        directory = scratch.sub("%s-%d" % (name, time.monotonic_ns()))
+        common.make_project(directory, TASK, VARIABLES % count, RESOURCES)
+        wall = common.run_threadward(directory, expect=count)
+        shutil.rmtree(directory, ignore_errors=True)
+        return wall
+    return once
+
+
+def pool_wall(count, function=noop, arguments=None):
+    started = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(WORKERS) as pool:
+        for _ in pool.map(function, arguments if arguments is not None else range(count)):
+            pass
+    return time.perf_counter() - started
+
+
+def per_process_wall(command_prefix, count):
+    started = time.perf_counter()
+    subprocess.run(command_prefix, input="".join("%d\n" % i for i in range(count)),
+                   universal_newlines=True, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main():
+    count = common.pick(5000, 1000)
+    few = common.pick(100, 50)          # a process per task is slow: fewer, then scaled
+    repeats = common.pick(2, 1)
+    rows, notes = [], []
+
+    def row(method, ran, wall, note="", workers=WORKERS):
+        rate = ran / wall
+        rows.append([method, ran, wall, int(round(rate)), 1000.0 * wall * workers / ran,
+                     count / rate, note])
+        return rate
+
+    with common.Scratch("b1") as scratch:
+        full = common.best_of(repeats, threadward_wall(scratch, "tw", count))
+        one = common.best_of(repeats, threadward_wall(scratch, "one", 1))
+        tw_rate = row("threadward", count, full, "end to end, best of %d" % repeats)
+        marginal = (count - 1) / max(full - one, 1e-9)
+        rows.append(["threadward, marginal", count - 1, full - one, int(round(marginal)),
+                     1000.0 * WORKERS / marginal, (count - 1) / marginal,
+                     "minus a 1-task run (%.2f s start-up)" % one])
+
+        shm = common.tmpfs_dir()
+        if shm:
+            with common.Scratch("b1", shm) as ram:
+                row("threadward, project on tmpfs", count,
+                    common.best_of(repeats, threadward_wall(ram, "tw", count)),
+                    "/dev/shm: no disk cost")
+        else:
+            notes.append("tmpfs: no writable /dev/shm; the tmpfs row is skipped")
+
+        row("ProcessPoolExecutor(2)", count, common.best_of(repeats, lambda: pool_wall(count)),
+            "no folder, no log")
+        files_root = scratch.sub("pool-files")
+        row("ProcessPoolExecutor(2) + folder + log", count,
+            common.best_of(repeats, lambda: pool_wall(
+                count, with_folder_and_log, [(files_root, i) for i in range(count)])),
+            "same file work as threadward")
+        row("folder + log only, 1 process", count,
+            serial_files_wall(scratch.sub("serial-files"), count),
+            "file-system floor, no dispatch", workers=1)
+
+        try:
+            import joblib
+        except ImportError:
+            joblib = None
+            notes.append("joblib: not importable in %s; skipped" % sys.executable)
+        if joblib is not None:
+            def joblib_wall():
+                started = time.perf_counter()
+                joblib.Parallel(n_jobs=WORKERS)(joblib.delayed(noop)(i) for i in range(count))
+                return time.perf_counter() - started
+            row("joblib Parallel(n_jobs=2)", count, common.best_of(repeats, joblib_wall),
+                "loky backend")
+
+        row("xargs -P 2 (a process per task)", few, per_process_wall(
+            ["xargs", "-P", str(WORKERS), "-n", "1", sys.executable, "-c", "pass"], few),
+            "python -c pass; time for N scaled")
+        if shutil.which("parallel"):
+            row("GNU parallel -j 2", few, per_process_wall(
+                ["parallel", "-j", str(WORKERS), sys.executable, "-c", "pass"], few),
+                "time for N scaled")
+        else:
+            notes.append("GNU parallel: not installed; skipped")
+
+    tw_time = count / tw_rate
+    for r in rows:
+        r.insert(6, r[5] / tw_time)
+    notes.insert(0, "target: >= %d tasks/s end to end (<= %.1f ms per task per worker): %s "
+                 "(end to end %.0f/s, marginal %.0f/s)"
+                 % (TARGET_RATE, 1000.0 * WORKERS / TARGET_RATE,
+                    common.verdict(tw_rate >= TARGET_RATE), tw_rate, marginal))
+    common.table("B1 dispatch: %d no-op tasks on %d workers" % (count, WORKERS),
+                 ["method", "tasks run", "wall s", "tasks/s", "ms/task/worker",
+                  "s for N", "x threadward", "note"], rows, notes)
+    return {"rate": tw_rate, "marginal": marginal}

@@ -1,0 +1,168 @@
+"""B4 scheduling simulation: threadward._Scheduler on an event-driven clock.
+
+No processes: workers are heap entries.  A worker that gets a task pays a
+load at every level whose prefix (the values down to that level) differs
+from its previous task's, then the task's own duration.  (The real worker
+keeps a value that is equal across prefixes, so it can only load less.)
+
+Per level: loads vs the lower bound LB = max(distinct prefixes down to the
+level, workers used): every prefix is loaded at least once and every worker
+loads every level once.  At the top level also vs the target M + W - 1 (for
+equal durations).  Makespan vs the load-aware ideal
+max((task work + LB load work) / W, longest task + its loads): no schedule
+beats it.  Three variants per shape and W: equal durations, random ones
+(exponential, mean 1), and random on a ragged sweep (a third of the lowest
+values dropped under each parent, as `exceptions` do).
+"""
+
+import heapq
+import random
+import sys
+import time
+
+import common
+
+sys.path.insert(0, common.ROOT)
+
+import threadward  # noqa: E402
+
+# Load cost per level as a multiple of the mean task duration: a model load
+# costs ten tasks, a dataset two, anything lower nothing.
+LOAD_COSTS = (10.0, 2.0)
+
+
+def make_tasks(shape, rng, ragged):
+    """Every index tuple of ``shape``; ragged drops a random third of the
+    lowest-level values below each parent (like `exceptions`)."""
+    tasks = [()]
+    for depth, size in enumerate(shape):
+        grown = []
+        for prefix in tasks:
+            values = list(range(size))
+            if ragged and depth == len(shape) - 1 and size > 2:
+                values = sorted(rng.sample(values, max(1, size - size // 3)))
+            grown.extend(prefix + (v,) for v in values)
+        tasks = grown
+    return tasks
+
+
+def simulate(shape, workers, durations, rng, ragged=False):
+    tasks = make_tasks(shape, rng, ragged)
+    depth = len(shape)
+    costs = [LOAD_COSTS[k] if k < len(LOAD_COSTS) and k < depth - 1 else 0.0
+             for k in range(depth)]
+    if durations == "equal":
+        length = dict.fromkeys(tasks, 1.0)
+    else:   # heavy-tailed: exponential with mean 1
+        length = {task: rng.expovariate(1.0) for task in tasks}
+    scheduler = threadward._Scheduler(depth)
+    for task in tasks:
+        scheduler.add(task)
+    held = [None] * workers
+    loads = [0] * depth
+    used = set()
+    heap = []
+    spent = 0.0
+    assignments = 0
+
+    def start(worker, now):
+        nonlocal spent, assignments
+        began = time.perf_counter()
+        task = scheduler.assign(worker)
+        spent += time.perf_counter() - began
+        assignments += 1
+        if task is None:
+            return
+        used.add(worker)
+        cost = length[task]
+        previous = held[worker]
+        for level in range(depth):
+            if previous is None or previous[:level + 1] != task[:level + 1]:
+                loads[level] += 1
+                cost += costs[level]
+        held[worker] = task
+        heapq.heappush(heap, (now + cost, worker))
+
+    for worker in range(workers):
+        start(worker, 0.0)
+    makespan = 0.0
+    while heap:
+        now, worker = heapq.heappop(heap)
+        makespan = now
+        began = time.perf_counter()
+        scheduler.release(worker)
+        spent += time.perf_counter() - began
+        start(worker, now)
+
+    distinct = [len({task[:level + 1] for task in tasks}) for level in range(depth)]
+    lower = [max(d, len(used)) for d in distinct]
+    work = sum(length.values()) + sum(c * b for c, b in zip(costs, lower))
+    longest = max(length[t] + sum(costs) for t in tasks)
+    ideal = max(work / workers, longest)
+    return {"tasks": len(tasks), "loads": loads, "lower": lower,
+            "top_bound": shape[0] + workers - 1, "makespan": makespan, "ideal": ideal,
+            "us_per_task": 1e6 * spent / max(1, assignments)}
+
+
+SHAPES_FULL = [(3, 40), (8, 3, 10), (10, 100), (1, 1000), (100, 10), (1000,), (4, 4, 4, 4),
+               (2, 2, 2, 2, 2, 2, 2), (20, 5, 20), (10, 100, 30)]
+SHAPES_QUICK = [(3, 40), (8, 3, 10), (10, 100), (1, 200), (100, 10), (4, 4, 4, 4)]
+WORKERS_FULL = (2, 4, 8, 16)
+WORKERS_QUICK = (2, 4, 8)
+VARIANTS = (("equal", False), ("random", False), ("random", True))
+
+
+def main():
+    rng = random.Random(20240521)
+    shapes = common.pick(SHAPES_FULL, SHAPES_QUICK)
+    worker_counts = common.pick(WORKERS_FULL, WORKERS_QUICK)
+    rows = []
+    over_bound, over_random = [], 0
+    worst = {variant: (0.0, None) for variant in VARIANTS}
+    total_us, total_n = 0.0, 0
+    for shape in shapes:
+        name = "x".join(map(str, shape))
+        for workers in worker_counts:
+            row = [name, workers, None]
+            us = []
+            for variant in VARIANTS:
+                result = simulate(shape, workers, variant[0], rng, variant[1])
+                loads, lower = result["loads"], result["lower"]
+                levels = len(shape) - 1 or 1
+                row.append(" ".join("%d/%d" % (loads[k], lower[k]) for k in range(levels)))
+                top_ok = loads[0] <= result["top_bound"]
+                if variant == VARIANTS[0]:
+                    row[2] = result["tasks"]
+                    row.append("%d/%d %s" % (loads[0], result["top_bound"],
+                                             "ok" if top_ok else "OVER"))
+                    if not top_ok:
+                        over_bound.append("%s W=%d" % (name, workers))
+                elif not top_ok:
+                    over_random += 1
+                ratio = result["makespan"] / result["ideal"]
+                row.append(ratio)
+                if ratio > worst[variant][0]:
+                    worst[variant] = (ratio, "%s W=%d" % (name, workers))
+                us.append(result["us_per_task"])
+                total_us += result["us_per_task"] * result["tasks"]
+                total_n += result["tasks"]
+            row.append(sum(us) / len(us))
+            rows.append(row)
+    runs = len(rows) * len(VARIANTS)
+    notes = [
+        "loads: count/LB per level (upper levels; load costs %s x the mean task); "
+        "top: count/(M+W-1)" % " / ".join("%g" % c for c in LOAD_COSTS),
+        "target: top-level loads <= M + W - 1 for equal durations: %s%s"
+        % (common.verdict(not over_bound), " (over in %d of %d: %s)"
+           % (len(over_bound), len(rows), ", ".join(over_bound)) if over_bound else ""),
+        "random durations (no target): top level over M + W - 1 in %d of %d runs"
+        % (over_random, 2 * len(rows)),
+        "worst makespan/ideal: equal %.2f (%s), random %.2f (%s), ragged %.2f (%s)"
+        % tuple(x for v in VARIANTS for x in worst[v]),
+        "scheduler cost: %.1f us per assign+release on average" % (total_us / max(1, total_n)),
+    ]
+    common.table("B4 scheduler simulation (%d runs)" % runs,
+                 ["sweep", "W", "tasks", "equal: loads/LB", "top/(M+W-1)", "mk/ideal",
+                  "random: loads/LB", "mk/ideal", "ragged: loads/LB", "mk/ideal",
+                  "us/assign"], rows, notes)
+    return {"over_bound": over_bound, "worst": worst}

@@ -1,0 +1,175 @@
+"""B5 a million-task sweep: 10 x 100 x 1,000 no-op tasks on 2 workers.
+
+Time to first task: the first task to run creates a marker file with
+O_CREAT | O_EXCL and writes time.time() into it; measured from just before
+the CLI starts.  Main-process peak RSS: VmHWM of the main pid, read from
+/proc while it runs (the largest reading is kept).  Worker RSS: the largest
+RSS of any worker seen (psutil), which must not grow with the sweep.
+
+Per-task cost: the rate between two counts of successful_tasks.txt lines,
+polled every 20 ms.  The 10,000-task sweep (10 x 100 x 10) runs to the end
+and is measured between tasks 2,000 and 8,000; the big sweep is measured
+between tasks 5,000 and 15,000, then stopped with the console command `q`
+on stdin once 20,000 tasks are done.  (Quick: 5,000 and 100,000 tasks.)
+
+Both sweeps run twice: on the scratch disk (TMPDIR), and on tmpfs
+(/dev/shm) where creating folders and logs costs no disk time, so the
+per-task comparison shows threadward's own scaling without disk noise.
+"""
+
+import os
+import subprocess
+import time
+
+import common
+
+WORKERS = 2
+
+TASK = """
+import os
+import time
+
+SUCCESS_CONDITION = "NO_ERROR_ONLY"
+_tried = False
+
+
+def task_method(variables, task_folder, log_file):
+    global _tried
+    if _tried:
+        return
+    _tried = True
+    try:
+        fd = os.open(%r, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return
+    os.write(fd, repr(time.time()).encode())
+    os.close(fd)
+"""
+VARIABLES = """
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="model", values=list(range(%d)))
+    variable_set.add_variable(name="dataset", values=list(range(%d)))
+    variable_set.add_variable(name="seed", values=list(range(%d)))
+"""
+
+
+def _psutil():
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+def measure(scratch, label, shape, window, stop_at=None, timeout=600):
+    directory = scratch.sub(label)
+    marker = os.path.join(directory, "first-task")
+    common.make_project(directory, TASK % marker, VARIABLES % shape,
+                        "NUM_WORKERS = %d\n" % WORKERS)
+    total = shape[0] * shape[1] * shape[2]
+    success_path = common.queue_file(directory)
+    log_path = os.path.join(directory, "bench-run.log")
+    psutil = _psutil()
+    samples = []
+    main_hwm = worker_rss = 0
+    quit_sent = None
+    with open(log_path, "wb") as log:
+        started_wall = time.time()
+        started = time.perf_counter()
+        process = subprocess.Popen(common.cli(directory), stdin=subprocess.PIPE, stdout=log,
+                                   stderr=subprocess.STDOUT, env=common.clean_env())
+        stream, count, next_rss = None, 0, 0.0
+        while process.poll() is None:
+            now = time.perf_counter()
+            if now - started > timeout:
+                process.kill()
+                process.wait()
+                raise RuntimeError("%s did not finish in %d s" % (label, timeout))
+            hwm = common.proc_status_kib(process.pid, "VmHWM")
+            if hwm:
+                main_hwm = max(main_hwm, hwm)
+            if stream is None and os.path.exists(success_path):
+                stream = open(success_path, "rb")
+            if stream is not None:
+                count += stream.read().count(b"\n")
+                samples.append((now, count))
+            if psutil is not None and now >= next_rss:
+                next_rss = now + 0.5
+                try:
+                    for child in psutil.Process(process.pid).children():
+                        worker_rss = max(worker_rss, child.memory_info().rss)
+                except psutil.Error:
+                    pass
+            if stop_at is not None and quit_sent is None and count >= stop_at:
+                process.stdin.write(b"q\n")
+                process.stdin.flush()
+                quit_sent = now
+            time.sleep(0.02)
+        ended = time.perf_counter()
+        if stream is not None:
+            stream.close()
+    process.stdin.close()
+    common.check_run(directory, process.returncode, None, log_path,
+                     allowed=(1,) if stop_at is not None else (0,))
+    done = common.count_lines(success_path)
+    try:
+        with open(marker) as stream:
+            first = float(stream.read()) - started_wall
+    except (OSError, ValueError):
+        first = None
+    low, high = window
+    t_low = next((t for t, c in samples if c >= low), None)
+    c_low = next((c for t, c in samples if c >= low), None)
+    t_high = next((t for t, c in samples if c >= high), None)
+    c_high = next((c for t, c in samples if c >= high), None)
+    rate = (c_high - c_low) / (t_high - t_low) if t_high and t_high > t_low else None
+    size = os.path.getsize(common.queue_file(directory, "all_tasks.json"))
+    return {"label": label, "total": total, "done": done, "first": first,
+            "main_mb": main_hwm / 1024.0, "worker_mb": worker_rss / 2 ** 20 if psutil else None,
+            "window": "%s-%s" % ("{:,}".format(low), "{:,}".format(high)), "rate": rate,
+            "json_mb": size / 2 ** 20, "wall": ended - started,
+            "quit_s": ended - quit_sent if quit_sent else None}
+
+
+def main():
+    seeds = common.pick(1000, 100)
+    storages = [("disk", None)]
+    shm = common.tmpfs_dir()
+    if shm:
+        storages.append(("tmpfs", shm))
+    rows, results = [], {}
+    for storage, base in storages:
+        with common.Scratch("b5", base) as scratch:
+            small = measure(scratch, "small", (10, 100, common.pick(10, 5)),
+                            common.pick((2000, 8000), (1000, 4000)))
+            big = measure(scratch, "big", (10, 100, seeds),
+                          common.pick((5000, 15000), (2000, 6000)),
+                          stop_at=common.pick(20000, 8000))
+        for result in (small, big):
+            ratio = small["rate"] / result["rate"] if small["rate"] and result["rate"] else None
+            result["ratio"] = ratio
+            rows.append([storage, "10 x 100 x %d" % (result["total"] // 1000), result["total"],
+                         result["done"], result["first"], result["main_mb"],
+                         result["worker_mb"], result["json_mb"], result["window"],
+                         int(round(result["rate"])) if result["rate"] else None,
+                         1000.0 / result["rate"] if result["rate"] else None, ratio,
+                         result["wall"], result["quit_s"]])
+        results[storage] = big
+    big = results["disk"]
+    cost = " ".join("%s %.2f x %s" % (storage, results[storage]["ratio"] or 0, common.verdict(
+        results[storage]["ratio"] is not None and results[storage]["ratio"] <= 1.5))
+        for storage, _ in storages)
+    notes = [
+        "targets (disk, %s tasks): first task < 20 s: %s (%.1f s); main RSS < 500 MB: %s "
+        "(%.0f MB); per-task cost <= 1.5 x the small sweep's: %s"
+        % ("{:,}".format(big["total"]),
+           common.verdict(big["first"] is not None and big["first"] < 20), big["first"] or 0,
+           common.verdict(big["main_mb"] < 500), big["main_mb"], cost),
+        "cost x small = the small sweep's rate / this rate, on the same storage; "
+        "quit s = from `q` to exit; disk = TMPDIR, tmpfs = /dev/shm",
+    ]
+    common.table("B5 large sweeps on %d workers (no-op tasks)" % WORKERS,
+                 ["storage", "sweep", "tasks", "ran", "first task s", "main RSS MB",
+                  "worker RSS MB", "all_tasks MB", "window", "tasks/s", "ms/task",
+                  "cost x small", "wall s", "quit s"], rows, notes)
+    return {"first": big["first"], "main_mb": big["main_mb"], "cost_ratio": big["ratio"]}

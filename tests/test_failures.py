@@ -1,0 +1,323 @@
+"""The fault-injection matrix: workers and the main process dying at each
+point, hung tasks, preemption, leftover children, torn result files.
+
+After each case the result files must be consistent, no process of the run
+may be alive (the `project` fixture checks), and a rerun must complete every
+task exactly once.
+"""
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from conftest import wait_for
+
+TASKS = ["0", "1", "2", "3", "4", "5"]
+
+VARIABLES = """
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=list(range(6)))
+"""
+
+
+def task_that(action, when="variables['x'] == 3", once=True):
+    """A task source that runs `action` for one value of x (once per project
+    if `once`, via a marker file, so a rerun of the same task succeeds)."""
+    guard = "not os.path.exists(marker)" if once else "True"
+    return """
+import os, signal, subprocess, sys, time
+def task_method(variables, task_folder, log_file):
+    marker = os.path.join(os.path.dirname(os.path.dirname(task_folder)), "fault.done")
+    print("task", variables["x"], "in", os.getpid())
+    if %s and %s:
+        open(marker, "w").close()
+%s
+""" % (when, guard, "\n".join("        " + line for line in action.strip().splitlines()))
+
+
+def read_until(stream, text, timeout=30):
+    """What a child wrote on ``stream`` up to a line containing ``text``
+    (raw reads on the fd, so nothing waits unseen in a Python buffer)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream.fileno(), selectors.EVENT_READ)
+        while text.encode() not in seen and time.monotonic() < deadline:
+            if selector.select(deadline - time.monotonic()):
+                chunk = os.read(stream.fileno(), 4096)
+                if not chunk:
+                    break
+                seen += chunk
+    assert text.encode() in seen, seen
+    return seen.decode()
+
+
+def assert_consistent_and_rerun_completes(project):
+    """No duplicates in successful_tasks.txt; a rerun finishes every task once."""
+    before = project.successful()
+    assert len(before) == len(set(before))
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = project.successful()
+    assert sorted(after) == TASKS
+    assert after[:len(before)] == before
+
+
+def test_worker_exiting_mid_task_is_recorded_and_replaced(project):
+    project.write(task=task_that("sys.stdout.flush(); os._exit(7)"), variables=VARIABLES,
+                  resources="NUM_WORKERS = 1\n")
+    result = project.run()
+    assert result.returncode == 1
+    assert project.failed() == {"3": "worker %s exited with code 7" %
+                                project.failed()["3"].split()[1]}
+    assert "worker 0 exited with code 7; started worker 1 in its place" in result.stdout
+    assert "task 3 in" in result.stdout  # the last lines of its log are shown
+    assert sorted(project.successful()) == ["0", "1", "2", "4", "5"]
+    assert_consistent_and_rerun_completes(project)
+
+
+def test_worker_killed_by_signal_mid_task(project):
+    project.write(task=task_that("os.kill(os.getpid(), signal.SIGKILL)"), variables=VARIABLES)
+    result = project.run()
+    assert result.returncode == 1
+    assert "killed by SIGKILL" in project.failed()["3"]
+    assert_consistent_and_rerun_completes(project)
+
+
+def test_worker_segfault_mid_task(project):
+    project.write(task=task_that("import ctypes; ctypes.string_at(0)"), variables=VARIABLES)
+    result = project.run()
+    assert result.returncode == 1
+    assert "SIGSEGV" in project.failed()["3"]
+    assert_consistent_and_rerun_completes(project)
+
+
+def test_worker_killed_between_tasks_loses_nothing(project, tmp_path):
+    pid_file = tmp_path / "pid"
+    project.write(task="""
+import os
+def task_method(variables, task_folder, log_file):
+    with open(%r, "w") as stream:
+        stream.write(str(os.getpid()))
+""" % str(pid_file), variables=VARIABLES + """
+import os, signal
+killed = []
+def on_task_success(variables, task_folder, log_file):
+    if variables["x"] == 1 and not killed:
+        pid = int(open(%r).read())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+""" % str(pid_file), resources="NUM_WORKERS = 1\n")
+    result = project.run()
+    # The kill races with handing the worker its next task: that task may be
+    # recorded as failed (the worker died holding it), never as succeeded.
+    assert "killed by SIGKILL; started worker 1 in its place" in result.stdout
+    assert set(project.failed().values()) <= {"worker 0 was killed by SIGKILL"}
+    assert len(project.successful()) + len(project.failed()) == 6
+    assert_consistent_and_rerun_completes(project)
+
+
+def test_worker_failing_to_start_is_retried_then_given_up(project):
+    project.write(task="""
+def before_each_worker(worker_id):
+    raise RuntimeError("no GPU memory left for worker %d" % worker_id)
+def task_method(variables, task_folder, log_file):
+    pass
+""", variables=VARIABLES, resources="NUM_WORKERS = 1\n")
+    result = project.run()
+    assert result.returncode == 1
+    assert result.stdout.count("could not start") == 3
+    assert "RuntimeError: no GPU memory left for worker 2" in result.stdout
+    assert "giving up worker slot 0 after 3 failed starts" in result.stdout
+    assert "no worker could start" in result.stdout or "stopped" in result.stdout
+    assert project.successful() == []
+
+
+def test_one_bad_worker_start_is_replaced(project):
+    project.write(task="""
+def before_each_worker(worker_id):
+    if worker_id == 0:
+        raise RuntimeError("flaky start")
+def task_method(variables, task_folder, log_file):
+    pass
+""", variables=VARIABLES, resources="NUM_WORKERS = 2\n")
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "worker 0 could not start" in result.stdout
+    assert sorted(project.successful()) == TASKS
+
+
+def test_hung_task_times_out_and_worker_is_replaced(project):
+    project.write(task=task_that("time.sleep(3600)") + "\nTASK_TIMEOUT = 1\n",
+                  variables=VARIABLES, resources="NUM_WORKERS = 2\n")
+    result = project.run()
+    assert result.returncode == 1
+    assert project.failed() == {"3": "timeout"}
+    assert sorted(project.successful()) == ["0", "1", "2", "4", "5"]
+    assert_consistent_and_rerun_completes(project)
+
+
+def test_main_killed_mid_run_leaves_no_worker_and_rerun_completes(project):
+    # The task kills its worker's parent (the main process) and then finishes.
+    project.write(task=task_that("os.kill(os.getppid(), signal.SIGKILL)"), variables=VARIABLES,
+                  resources="NUM_WORKERS = 2\n")
+    result = project.run()
+    assert result.returncode == -signal.SIGKILL
+    assert "3" not in project.successful()   # its result could not be recorded
+    assert_consistent_and_rerun_completes(project)
+
+
+def test_main_killed_during_teardown_then_rerun(project):
+    project.write(task="""
+import os, signal
+def task_method(variables, task_folder, log_file):
+    pass
+def after_all_tasks():
+    # the main process runs in the project directory, as workers do
+    if not os.path.exists("teardown.done"):
+        open("teardown.done", "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+""", variables=VARIABLES)
+    result = project.run()
+    assert result.returncode == -signal.SIGKILL
+    assert sorted(project.successful()) == TASKS
+    rerun = project.run()
+    assert rerun.returncode == 0
+    assert "all 6 tasks already succeeded" in rerun.stdout
+
+
+def test_main_killed_during_generation_keeps_old_task_list(project):
+    assert project.run().returncode == 0
+    with open(os.path.join(project.queue, "all_tasks.json"), "rb") as stream:
+        old = stream.read()
+    project.write(variables="""
+import os, signal
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=list(range(8)))
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+    assert project.run().returncode == -signal.SIGKILL
+    with open(os.path.join(project.queue, "all_tasks.json"), "rb") as stream:
+        assert stream.read() == old
+
+
+def test_sigterm_gives_running_tasks_a_grace_period_then_interrupts(project, tmp_path):
+    started = tmp_path / "started"
+    project.write(task="""
+import time
+SIGTERM_GRACE = 1
+def task_method(variables, task_folder, log_file):
+    open(%r, "w").close()
+    time.sleep(3600)
+def after_all_tasks():
+    print("after_all_tasks ran")
+""" % str(started), variables=VARIABLES, resources="NUM_WORKERS = 1\n")
+    process = project.start()
+    wait_for(started.exists)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "running tasks get 1s to finish" in out
+    assert "after_all_tasks ran" in out
+    assert project.failed() == {"0": "interrupted"}
+    assert project.successful() == []
+    assert_consistent_and_rerun_completes_after_fix(project)
+
+
+def assert_consistent_and_rerun_completes_after_fix(project):
+    project.write(task="def task_method(variables, task_folder, log_file):\n    pass\n")
+    assert_consistent_and_rerun_completes(project)
+
+
+def test_task_leaving_background_children_has_them_ended(project, tmp_path):
+    pids = tmp_path / "pids"
+    project.write(task="""
+import os, subprocess
+def task_method(variables, task_folder, log_file):
+    child = subprocess.Popen(["sleep", "1000"])
+    # a double fork: the grandchild is orphaned when its parent exits
+    subprocess.run(["sh", "-c", "sleep 1000 & echo $! >> %s"])
+    with open(%r, "a") as stream:
+        stream.write("%%d\\n" %% child.pid)
+""" % (str(pids), str(pids)), variables=VARIABLES, resources="NUM_WORKERS = 2\n")
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    recorded = [int(p) for p in pids.read_text().split()]
+    assert len(recorded) == 12
+
+    def all_gone():
+        return not [p for p in recorded if psutil.pid_exists(p) and
+                    psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    wait_for(all_gone, timeout=15)
+
+
+def test_task_closing_its_stdin_and_stdout_does_not_break_the_worker(project):
+    project.write(task="""
+import os
+def task_method(variables, task_folder, log_file):
+    os.close(0)
+    os.close(1)
+""", variables=VARIABLES, resources="NUM_WORKERS = 1\n")
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(project.successful()) == TASKS
+
+
+def test_torn_last_line_of_successful_tasks_is_tolerated(project):
+    project.write(variables=VARIABLES)
+    assert project.run().returncode == 0
+    path = os.path.join(project.queue, "successful_tasks.txt")
+    with open(path, "w") as stream:
+        stream.write("0\n1\n2\n4")              # the crash tore "4\n" to "4"
+    result = project.run()
+    assert result.returncode == 0
+    assert "3 of 6 tasks already succeeded" in result.stdout
+    assert sorted(project.successful()) == TASKS
+    assert project.successful().count("4") == 1
+
+
+def test_unwritable_task_folder_fails_that_task_only(project):
+    os.makedirs(project.outputs)
+    with open(os.path.join(project.outputs, "2"), "w") as stream:
+        stream.write("a file where the task folder should be")
+    project.write(variables=VARIABLES)
+    result = project.run()
+    assert result.returncode == 1
+    assert "cannot create the task folder" in project.failed()["2"]
+    assert sorted(project.successful()) == ["0", "1", "3", "4", "5"]
+
+
+def test_no_processes_left_after_second_ctrl_c(project, tmp_path):
+    started = tmp_path / "started"
+    started.mkdir()
+    project.write(task="""
+import os, time
+def task_method(variables, task_folder, log_file):
+    open(os.path.join(%r, str(variables["x"])), "w").close()
+    time.sleep(3600)
+""" % str(started), variables=VARIABLES, resources="NUM_WORKERS = 2\n")
+    process = subprocess.Popen(project.command(), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, start_new_session=True,
+                               env=project.env())
+    wait_for(lambda: len(os.listdir(str(started))) == 2)
+    os.killpg(process.pid, signal.SIGINT)   # workers are in their own groups: only main
+    # Two pending SIGINTs merge into one: send the second after the first is seen.
+    seen = read_until(process.stdout, "press Ctrl-C again")
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    out = seen + out
+    assert process.returncode == 1, out + err
+    assert set(project.failed().values()) == {"interrupted"}
+    assert len(project.failed()) == 2
+    assert project.successful() == []
+
+
+if sys.platform != "linux":   # pragma: no cover
+    import pytest
+    pytestmark = pytest.mark.skip("the fault matrix relies on Linux process semantics")

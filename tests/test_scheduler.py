@@ -1,0 +1,314 @@
+"""Unit tests of threadward._Scheduler, the prefix tree that hands out tasks.
+
+No processes and no sleeps: workers are simulated by keys and, where timing
+matters, by a small event-driven simulator (a heap of finish times).
+"""
+
+import heapq
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from threadward import _Scheduler
+
+
+def grid(*shape):
+    """Every task of a full cartesian shape, in hierarchy order."""
+    return list(itertools.product(*[range(n) for n in shape]))
+
+
+def scheduler_for(tasks, depth=None):
+    scheduler = _Scheduler(depth if depth is not None else len(tasks[0]))
+    for task in tasks:
+        scheduler.add(task)
+    return scheduler
+
+
+def common_prefix(a, b):
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def simulate(tasks, workers, duration=lambda task: 1.0):
+    """Run the scheduler with `workers` workers that all start at time 0.
+
+    Returns {worker: [task, ...]} in the order each worker received them.
+    Ties are broken by worker number, so the result is deterministic.
+    """
+    scheduler = scheduler_for(tasks)
+    history = dict((w, []) for w in range(workers))
+    events = []
+    for worker in range(workers):
+        task = scheduler.assign(worker)
+        if task is None:
+            break
+        history[worker].append(task)
+        heapq.heappush(events, (duration(task), worker))
+    while events:
+        now, worker = heapq.heappop(events)
+        task = scheduler.assign(worker)
+        if task is None:
+            continue
+        history[worker].append(task)
+        heapq.heappush(events, (now + duration(task), worker))
+    assert len(scheduler) == 0
+    assert scheduler.assign(0) is None
+    return history
+
+
+def loads(history):
+    """How often each worker's top-level value changes, counting its first."""
+    total = 0
+    for tasks in history.values():
+        previous = object()
+        for task in tasks:
+            if task[0] != previous:
+                total += 1
+                previous = task[0]
+    return total
+
+
+def assert_each_task_once(history, tasks):
+    handed = [task for tasks_of in history.values() for task in tasks_of]
+    assert len(handed) == len(set(handed))
+    assert sorted(handed) == sorted(tasks)
+
+
+# -- basics --------------------------------------------------------------------
+
+def test_len_counts_remaining_tasks():
+    tasks = grid(2, 3, 2)
+    scheduler = scheduler_for(tasks)
+    assert len(scheduler) == 12
+    handed = []
+    for step in range(12):
+        handed.append(scheduler.assign(step % 3))
+        assert len(scheduler) == 11 - step
+    assert scheduler.assign(0) is None
+    assert scheduler.assign(99) is None
+    assert sorted(handed) == tasks
+    assert len(scheduler) == 0
+
+
+def test_single_variable():
+    tasks = grid(5)
+    scheduler = scheduler_for(tasks)
+    handed = [scheduler.assign("w") for _ in range(5)]
+    assert handed == tasks   # a lone worker goes in order
+    assert scheduler.assign("w") is None
+
+
+def test_a_lone_worker_goes_in_hierarchy_order():
+    tasks = grid(3, 2, 4)
+    scheduler = scheduler_for(tasks)
+    assert [scheduler.assign("only") for _ in tasks] == tasks
+
+
+def test_empty_scheduler():
+    scheduler = _Scheduler(3)
+    assert len(scheduler) == 0
+    assert scheduler.assign(0) is None
+    scheduler.release(0)
+    scheduler.forget(0)
+
+
+def test_release_and_forget_of_unknown_keys_are_harmless():
+    scheduler = scheduler_for(grid(2, 2))
+    scheduler.release("nobody")
+    scheduler.forget("nobody")
+    assert len(scheduler) == 4
+
+
+def test_tasks_may_be_added_after_some_were_handed_out():
+    scheduler = scheduler_for([(0, 0), (0, 1)])
+    first = scheduler.assign(0)
+    scheduler.add((1, 0))
+    scheduler.add((0, 2))
+    rest = [scheduler.assign(0) for _ in range(3)]
+    assert scheduler.assign(0) is None
+    assert sorted([first] + rest) == [(0, 0), (0, 1), (0, 2), (1, 0)]
+
+
+# -- retention and spreading ---------------------------------------------------
+
+def test_worker_keeps_its_top_level_value_while_it_has_tasks():
+    history = simulate(grid(3, 5, 2), 3)
+    for worker, tasks in history.items():
+        assert len({task[0] for task in tasks}) == 1, (worker, tasks)
+    assert sorted(tasks[0][0] for tasks in history.values()) == [0, 1, 2]
+
+
+def test_longest_prefix_is_kept():
+    scheduler = scheduler_for(grid(2, 2, 3))
+    a = scheduler.assign("a")
+    b = scheduler.assign("b")
+    assert a[0] != b[0]
+    # a finishes its task: next task keeps (model, dataset) while that has tasks
+    assert scheduler.assign("a") == a[:2] + (1,)
+    assert scheduler.assign("a") == a[:2] + (2,)
+    # (model, dataset) exhausted: keeps model
+    nxt = scheduler.assign("a")
+    assert nxt[0] == a[0] and nxt[1] != a[1]
+
+
+def test_fresh_workers_start_on_different_top_level_values():
+    scheduler = scheduler_for(grid(4, 3, 3))
+    firsts = [scheduler.assign(w) for w in range(4)]
+    assert sorted(task[0] for task in firsts) == [0, 1, 2, 3]
+
+
+def test_more_workers_than_top_level_values_cover_every_value_first():
+    scheduler = scheduler_for(grid(2, 6))
+    firsts = [scheduler.assign(w) for w in range(5)]
+    assert {task[0] for task in firsts[:2]} == {0, 1}
+    assert len(set(firsts)) == 5
+
+
+def test_fresh_workers_skip_top_level_values_with_no_tasks_left():
+    scheduler = scheduler_for(grid(3, 2))
+    assert scheduler.assign("a") == (0, 0)
+    assert scheduler.assign("a") == (0, 1)
+    scheduler.forget("a")          # worker died; its branch is exhausted anyway
+    b = scheduler.assign("b")
+    c = scheduler.assign("c")
+    assert {b[0], c[0]} == {1, 2}
+
+
+def test_second_worker_on_a_single_value_takes_from_the_far_end():
+    tasks = grid(1, 5, 4)
+    scheduler = scheduler_for(tasks)
+    assert scheduler.assign("owner") == tasks[0]
+    assert scheduler.assign("helper") == tasks[-1]
+
+
+def test_split_branch_meets_in_the_middle():
+    tasks = grid(1, 5, 4)
+    history = simulate(tasks, 2)
+    owner, helper = history[0], history[1]
+    assert owner[0] == tasks[0] and helper[0] == tasks[-1]
+    assert owner == sorted(owner)                         # the owner keeps its order
+    assert helper == sorted(helper, reverse=True)         # the helper works backwards
+    assert_each_task_once(history, tasks)
+    assert abs(len(owner) - len(helper)) <= 1
+
+
+def test_worker_whose_branch_is_exhausted_goes_where_no_other_worker_is():
+    # workers a, b, c on values 0, 1, 2; value 0 is short, 3 is still unvisited
+    tasks = [(0, 0)] + [(v, i) for v in (1, 2, 3) for i in range(4)]
+    scheduler = scheduler_for(tasks)
+    assert [scheduler.assign(w)[0] for w in "abc"] == [0, 1, 2]
+    assert scheduler.assign("a")[0] == 3
+
+
+def test_forgotten_worker_releases_its_branch():
+    scheduler = scheduler_for(grid(2, 4))
+    first = scheduler.assign("dead")
+    scheduler.forget("dead")
+    # the branch it was on is free again: a new worker is not sent to split
+    # the other branch's far end while the dead worker's branch is idle
+    other = scheduler.assign("x")
+    new = scheduler.assign("new")
+    assert {other[0], new[0]} == {0, 1}
+    assert first not in (other, new)
+
+
+# -- loads with equal task durations -------------------------------------------
+
+@pytest.mark.parametrize("shape, workers", [
+    ((3, 40), 2),
+    ((8, 3, 10), 4),
+    ((10, 100, 10), 3),
+    ((4, 13), 3),
+    ((5, 2, 2), 5),
+    ((7, 1), 2),
+])
+def test_top_level_loads_are_near_minimal(shape, workers):
+    tasks = grid(*shape)
+    history = simulate(tasks, workers)
+    assert_each_task_once(history, tasks)
+    top_values = shape[0]
+    assert loads(history) <= top_values + workers - 1, loads(history)
+    # with equal durations no worker idles while tasks remain
+    counts = [len(t) for t in history.values()]
+    assert max(counts) - min(counts) <= 1
+
+
+def test_loads_with_uneven_branches():
+    # exceptions make branches of different sizes
+    tasks = [t for t in grid(6, 4, 5) if not (t[0] % 2 and t[1] > 0)]
+    history = simulate(tasks, 3)
+    assert_each_task_once(history, tasks)
+    assert loads(history) <= 6 + 3 - 1
+
+
+# -- hypothesis: every task handed out once, whatever the finishing order -------
+
+@st.composite
+def task_sets(draw):
+    depth = draw(st.integers(min_value=1, max_value=4))
+    shape = [draw(st.integers(min_value=1, max_value=4)) for _ in range(depth)]
+    full = grid(*shape)
+    keep = draw(st.lists(st.booleans(), min_size=len(full), max_size=len(full)))
+    tasks = [task for task, kept in zip(full, keep) if kept] or full[:1]
+    return depth, tasks
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(task_sets(), st.integers(min_value=1, max_value=6), st.data())
+def test_every_task_handed_out_exactly_once(task_set, workers, data):
+    depth, tasks = task_set
+    scheduler = scheduler_for(tasks, depth)
+    remaining = set(tasks)
+    busy = {}             # worker key -> its current task
+    last = {}             # worker key -> its previous task (for live workers)
+    handed = []
+    next_key = itertools.count()
+
+    def give(key):
+        previous = last.get(key)
+        if previous is not None:
+            # the longest prefix of the previous task that still has tasks
+            want = max([length for length in range(depth)
+                        if any(task[:length] == previous[:length] for task in remaining)],
+                       default=None)
+        idle_tops = {task[0] for task in remaining} - \
+            {task[0] for other, task in busy.items() if other != key}
+        task = scheduler.assign(key)
+        if task is None:
+            assert not remaining
+            return
+        assert task in remaining
+        remaining.discard(task)
+        handed.append(task)
+        if previous is not None:
+            assert common_prefix(task, previous) == want, (previous, task, want)
+        if (previous is None or previous[0] != task[0]) and idle_tops:
+            # a worker leaving (or without) a top-level value goes where no one is
+            assert task[0] in idle_tops, (task, idle_tops)
+        busy[key] = task
+        last[key] = task
+        assert len(scheduler) == len(remaining)
+
+    for _ in range(workers):
+        give(next(next_key))
+    while busy:
+        key = data.draw(st.sampled_from(sorted(busy)))
+        del busy[key]
+        if data.draw(st.integers(0, 9)) == 0:
+            # the worker dies; a replacement with a new key takes its slot
+            scheduler.forget(key)
+            del last[key]
+            key = next(next_key)
+        give(key)
+
+    assert len(handed) == len(set(handed))
+    assert sorted(handed) == sorted(tasks)
+    assert len(scheduler) == 0
+    assert scheduler.assign(next(next_key)) is None
