@@ -531,7 +531,12 @@ class _Node:
         self.active = 0   # busy workers whose current task lies in this subtree
 
 
+def _work_per_worker(node):
+    return node.remaining / (node.active + 1)
+
+
 class _Scheduler:
+
     """The remaining tasks as a prefix tree with counts; no processes in it.
 
     ``assign(key)`` gives the worker ``key`` the remaining task that keeps the
@@ -603,7 +608,7 @@ class _Scheduler:
             child = children[index]
             if not child.active:
                 return index, child, reverse and not at_root
-        index = min(children, key=lambda i: (children[i].active, -children[i].remaining))
+        index = max(children, key=lambda i: _work_per_worker(children[i]))
         return index, children[index], True
 
     def release(self, key):
@@ -1872,6 +1877,8 @@ class _WorkerProcess:
         self.worker_id = worker_id
         self.retained = {}            # variable name -> (value, nickname, converted)
         self._libc = None
+        self._streams = None          # our sys.stdin, sys.stdout, sys.stderr
+        self._worker_children = set() # started by before_each_worker: they may stay
 
     # -- the private protocol channel ---------------------------------------
 
@@ -1894,7 +1901,7 @@ class _WorkerProcess:
         _write_all(self.channel_out, (json.dumps(message) + "\n").encode())
 
     def _point_output(self, fd):
-        """Make fd 0 /dev/null and fd 1, 2 ``fd``, with fresh Python streams."""
+        """Make fd 0 /dev/null and fd 1, 2 ``fd``; the Python streams follow."""
         for stream in (sys.stdout, sys.stderr):
             try:
                 if stream is not None:
@@ -1905,10 +1912,19 @@ class _WorkerProcess:
         os.dup2(self.devnull, 0)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        # Line-buffered, and never closing the real fds, whatever a task does to them.
-        sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
-        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
-        sys.stdin = open(0, "r", closefd=False)
+        self._restore_streams()
+
+    def _restore_streams(self):
+        """sys.stdin/stdout/stderr as ours again if a task closed or replaced them.
+        Line-buffered (logs can be followed live), never closing the real fds."""
+        if self._streams is None or any(
+                current is not ours or ours.closed for current, ours in
+                zip((sys.stdin, sys.stdout, sys.stderr), self._streams)):
+            self._streams = (
+                open(0, "r", closefd=False),
+                open(1, "w", buffering=1, closefd=False, errors="backslashreplace"),
+                open(2, "w", buffering=1, closefd=False, errors="backslashreplace"))
+            sys.stdin, sys.stdout, sys.stderr = self._streams
 
     def _flush_c_stdio(self):
         # printf output of C extensions sits in libc buffers: flush it into
@@ -1934,6 +1950,7 @@ class _WorkerProcess:
             self.converters = self.project.converters()
             self.spec = self.project.task_module
             self._call_hook("before_each_worker", self.worker_id)
+            self._worker_children = _child_pids()
         except BaseException as exc:
             traceback.print_exc()
             error = str(exc) if isinstance(exc, ConfigError) else traceback.format_exc()
@@ -1970,7 +1987,7 @@ class _WorkerProcess:
         folder, log_file = message["folder"], message["log"]
         mode = self.project.output_mode
         try:
-            os.makedirs(folder, exist_ok=True)
+            _make_folder(folder)
             log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
                              0o666)
         except OSError as exc:
@@ -1984,12 +2001,11 @@ class _WorkerProcess:
         else:
             tee = _Tee(log_fd, self.console)
             self._point_output(tee.write_fd)
-        children_before = _child_pids()
         try:
             success, reason = self._run_hooks(message["vars"], folder, log_file)
         finally:
             self._point_output(self.worker_log_fd)
-            _end_new_children(children_before)
+            _end_new_children(self._worker_children)
             if tee is not None:
                 tee.close()
             os.close(log_fd)
@@ -2086,7 +2102,19 @@ class _Tee:
         self._thread.join(KILL_WAIT)
 
 
+def _make_folder(folder):
+    # One mkdir in the common case (parent exists); makedirs only when needed.
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        if not os.path.isdir(folder):
+            raise
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+
+
 def _become_subreaper():
+
     """Linux: orphaned descendants of a task are re-parented to the worker, so
     a double-forked background process is still found (and ended) at task end."""
     try:

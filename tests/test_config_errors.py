@@ -99,7 +99,7 @@ SYNTAX_ERRORS = {
         def task_method(variables, task_folder, log_file):
             pass
 
-        def after_each_task(variables, task_folder, log_file:   # HERE
+        def after_each_task(variables, task_folder, log_file)   # HERE (missing colon)
             pass
         """),
     "variable_iteration.py": ("variables", """\
