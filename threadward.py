@@ -63,7 +63,6 @@ __all__ = ["VariableSet", "Task", "Worker", "Threadward", "ThreadwardError",
 import argparse
 import ast
 import collections
-import errno
 import gc
 import importlib.util
 import json
@@ -143,7 +142,14 @@ NVIDIA_SMI_TIMEOUT = 10.0
 # Log lines of a dead worker's task shown on the console.
 LOG_TAIL_LINES = 5
 
+LAUNCHERS = ("local", "slurm", "ssh")
+# ssh never prompts, and gives up on a dead host instead of waiting minutes.
+SSH_DEFAULTS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=15"]
+# Lines of a remote launcher's stderr kept to explain a worker that failed to start.
+STDERR_TAIL_LINES = 20
+
 PROJECT_SUBDIR = "threadward"
+
 CONFIG_FILES = ("task_specification.py", "resource_constraints.py", "variable_iteration.py")
 RESULT_FILES = ("successful_tasks.txt", "failed_tasks.txt")
 
@@ -684,6 +690,17 @@ def _number_setting(module, path, name, default, minimum, integer=False, allow_n
     return value
 
 
+def _string_list_setting(module, path, name):
+    value = getattr(module, name, None)
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+            isinstance(item, str) for item in value):
+        raise ConfigError("%s = %r; give a list of strings" % (name, value),
+                          _setting_line(path, name))
+    return list(value)
+
+
 def _gpu_list_setting(module, path, name):
     value = getattr(module, name, None)
     if value is None:
@@ -781,7 +798,39 @@ class _Project:
         self.constraints_path = path
         if not self.gpus_per_worker:   # a GPU sweep checks this with the GPUs found
             _check_gpu_overlap(self, "")
+        self._load_launcher(constraints, path)
         self.variable_set = self._build_variable_set()
+
+    def _load_launcher(self, constraints, path):
+        launcher = getattr(constraints, "LAUNCHER", "local")
+        if isinstance(launcher, (list, tuple)):
+            if not launcher or not all(isinstance(part, str) for part in launcher):
+                raise ConfigError("LAUNCHER as a list must be a non-empty command prefix of "
+                                  "strings, like [\"env\", \"X=1\"]", _setting_line(path, "LAUNCHER"))
+            launcher = list(launcher)
+        elif launcher not in LAUNCHERS:
+            raise ConfigError("LAUNCHER = %r; use one of: %s, or a command prefix list"
+                              % (launcher, ", ".join(LAUNCHERS)), _setting_line(path, "LAUNCHER"))
+        self.launcher = launcher
+        self.slurm_options = _string_list_setting(constraints, path, "SLURM_OPTIONS")
+        self.ssh_options = _string_list_setting(constraints, path, "SSH_OPTIONS")
+        self.remote_python = getattr(constraints, "REMOTE_PYTHON", None) or sys.executable
+        self.hosts = []
+        for entry in _string_list_setting(constraints, path, "HOSTS"):
+            host, _, count = entry.partition(":")
+            if not host or (count and not count.isdigit()) or count == "0":
+                raise ConfigError("HOSTS entry %r; write \"host\" or \"host:N\" (N workers "
+                                  "there)" % entry, _setting_line(path, "HOSTS"))
+            self.hosts.append((host, int(count) if count else self.num_workers))
+        if launcher == "ssh" and not self.hosts:
+            raise ConfigError("LAUNCHER = \"ssh\" needs HOSTS, like [\"node1\", \"node2:4\"]",
+                              _setting_line(path, "LAUNCHER"))
+        if launcher == "slurm" and self.workers_per_gpu > 1 and not any(
+                option.startswith(("--gpus", "--gres", "-G")) for option in self.slurm_options):
+            raise ConfigError("NUM_GPUS_PER_WORKER = 1/%d cannot be asked of Slurm (it hands "
+                              "out whole GPUs); use a whole number, or put your own --gres/"
+                              "--gpus option in SLURM_OPTIONS" % self.workers_per_gpu,
+                              _setting_line(path, "NUM_GPUS_PER_WORKER"))
 
     def _build_variable_set(self):
         path = self.path("variable_iteration.py")
@@ -844,7 +893,7 @@ def _discover_gpus(project):
     return [(str(gpu.id), str(gpu.uuid)) for gpu in gpus]
 
 
-def _plan_gpu_slots(project, found, parent_visible):
+def _plan_gpu_slots(project, found, parent_visible, num_workers=None, host=None):
     """The GPU share of every worker slot, in order: the first NUM_WORKERS
     start at once, the rest are the reserve for `add`.
 
@@ -853,10 +902,13 @@ def _plan_gpu_slots(project, found, parent_visible):
     workers name their GPUs the same way it does (numbers or UUIDs).
     """
     where = _setting_line(project.constraints_path, "NUM_GPUS_PER_WORKER")
+    num_workers = project.num_workers if num_workers is None else num_workers
     _check_gpu_overlap(project, " (found: %s)" % (", ".join(i for i, _ in found) or "none"))
     names = {index: index for index, _ in found}
     usable = [index for index, _ in found]
     description = ", ".join(usable) or "none"
+    if host:
+        description += " on %s" % host
     if parent_visible is not None:
         by_token = {}
         for index, uuid in found:
@@ -889,12 +941,12 @@ def _plan_gpu_slots(project, found, parent_visible):
         usable = [g for g in usable if g in project.include_gpus]
     usable = [g for g in usable if g not in (project.avoid_gpus or ())]
     per_worker, share = project.gpus_per_worker, project.workers_per_gpu
-    needed = -(-project.num_workers * per_worker // share)
+    needed = -(-num_workers * per_worker // share)
     if needed > len(usable):
         raise ConfigError(
             "NUM_WORKERS = %d with NUM_GPUS_PER_WORKER = %s needs %d GPUs, but only %d can be "
             "used: %s (found: %s; INCLUDE_GPUS=%s, AVOID_GPUS=%s)"
-            % (project.num_workers, per_worker if share == 1 else "1/%d" % share, needed,
+            % (num_workers, per_worker if share == 1 else "1/%d" % share, needed,
                len(usable), ", ".join(usable) or "none", description,
                project.include_gpus, project.avoid_gpus), where)
     slots = []
@@ -906,8 +958,127 @@ def _plan_gpu_slots(project, found, parent_visible):
 
 
 ###############################################################################
+# Launchers ###################################################################
+###############################################################################
+
+class _Slot(collections.namedtuple("_Slot", "host gpus")):
+    """Where a worker runs (host None: this machine) and its GPUs, as
+    CUDA_VISIBLE_DEVICES entries.  A replacement worker reuses its slot."""
+
+
+def _worker_argv(worker_id, directory, python=None, report_stats=False):
+    """This very file in worker mode (a vendored copy re-runs itself)."""
+    return [python or sys.executable, os.path.abspath(__file__), WORKER_MODE, directory,
+            str(worker_id)] + (["--report-stats"] if report_stats else [])
+
+
+def _ssh_gpus(project, host):
+    """[(index, uuid)] of a remote host's GPUs, asked over ssh at start-up."""
+    command = ["ssh"] + SSH_DEFAULTS + project.ssh_options + [
+        host, "nvidia-smi --query-gpu=index,uuid --format=csv,noheader"]
+    try:
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError("could not ask %s for its GPUs over ssh: %s" % (host, exc))
+    if result.returncode != 0:
+        raise ConfigError("could not ask %s for its GPUs over ssh (exit %d): %s" % (
+            host, result.returncode, _one_line(result.stderr) or "no message"))
+    found = []
+    for line in result.stdout.splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) >= 2 and fields[0].isdigit():
+            found.append((fields[0], fields[1]))
+    return found
+
+
+class _Launcher:
+    """How a worker process is started: on this machine ("local"), as a Slurm
+    job step ("slurm"), over ssh ("ssh"), or behind the user's command prefix.
+
+    Whatever the launcher, the worker's stdin and stdout reach the worker
+    program, so the protocol is the same; only the main process's view of the
+    worker's process tree differs, so non-local workers report their own
+    CPU, RAM and GPU memory.
+    """
+
+    def __init__(self, project):
+        self.project = project
+        self.kind = project.launcher if isinstance(project.launcher, str) else "command"
+        self.remote = self.kind != "local"
+
+    def check_available(self):
+        import shutil
+        program = {"slurm": "srun", "ssh": "ssh"}.get(self.kind)
+        if self.kind == "command":
+            program = self.project.launcher[0]
+        if program and not shutil.which(program):
+            raise ConfigError("LAUNCHER = %r needs %r, which is not on PATH" % (
+                self.project.launcher, program),
+                _setting_line(self.project.constraints_path, "LAUNCHER"))
+
+    def plan_slots(self):
+        """(every slot in order, how many start at once, GPU UUID by name);
+        slots past the first ones are the reserve for `add`."""
+        project = self.project
+        if self.kind == "ssh":
+            return self._plan_ssh_slots()
+        if self.kind == "slurm" or not project.gpus_per_worker:
+            return [_Slot(None, ())] * project.num_workers, project.num_workers, {}
+        try:
+            found = _discover_gpus(project)
+        except ConfigError:
+            _check_gpu_overlap(project, " (and no GPUs were found)")
+            raise
+        gpu_slots, uuids = _plan_gpu_slots(project, found,
+                                           os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return [_Slot(None, gpus) for gpus in gpu_slots], project.num_workers, uuids
+
+    def _plan_ssh_slots(self):
+        starting, reserve = [], []
+        for host, count in self.project.hosts:
+            if not self.project.gpus_per_worker:
+                starting.extend([_Slot(host, ())] * count)
+                continue
+            gpu_slots, _ = _plan_gpu_slots(self.project, _ssh_gpus(self.project, host), None,
+                                           count, host)
+            starting.extend(_Slot(host, gpus) for gpus in gpu_slots[:count])
+            reserve.extend(_Slot(host, gpus) for gpus in gpu_slots[count:])
+        return starting + reserve, len(starting), {}
+
+    def command(self, worker, directory):
+        """(argv, environment) that start ``worker``."""
+        gpus = ",".join(worker.gpus)
+        argv = _worker_argv(worker.worker_id, directory, report_stats=self.remote)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+        if self.kind == "slurm":
+            count = self.project.gpus_per_worker
+            step = ["srun", "--nodes=1", "--ntasks=1", "--job-name=threadward-%d"
+                    % worker.worker_id]
+            if os.environ.get("SLURM_JOB_ID"):
+                step.append("--exact")     # concurrent steps share the allocation
+            if count:
+                step.append("--gpus=%d" % count)
+                del env["CUDA_VISIBLE_DEVICES"]   # Slurm picks the GPUs and sets it
+            return step + self.project.slurm_options + argv, env
+        if self.kind == "ssh":
+            import shlex
+            # ssh passes no environment and starts in $HOME: say everything.
+            remote = "cd %s && exec env CUDA_VISIBLE_DEVICES=%s CUDA_DEVICE_ORDER=PCI_BUS_ID %s" % (
+                shlex.quote(directory), shlex.quote(gpus), " ".join(
+                    shlex.quote(part) for part in [self.project.remote_python] + argv[1:]))
+            return ["ssh"] + SSH_DEFAULTS + self.project.ssh_options + [worker.host, remote], env
+        if self.kind == "command":
+            prefix = [part.replace("{worker_id}", str(worker.worker_id)).replace("{gpus}", gpus)
+                      for part in self.project.launcher]
+            return prefix + argv, env
+        return argv, env
+
+
+###############################################################################
 # Monitoring ##################################################################
 ###############################################################################
+
 
 def _update_stat(stats, name, value):
     stats[name] = value
@@ -1039,10 +1210,14 @@ class Worker:
 
     STARTING, IDLE, BUSY, STOPPING, EXITED = "starting", "idle", "busy", "stopping", "exited"
 
-    def __init__(self, worker_id, slot, gpus):
+    def __init__(self, worker_id, slot, place):
         self.worker_id = worker_id
-        self.slot = slot              # index of its GPU share; a replacement reuses it
-        self.gpus = gpus              # tuple of CUDA_VISIBLE_DEVICES entries
+        self.slot = slot              # index of its _Slot; a replacement reuses it
+        self.host = place.host        # None: this machine
+        self.gpus = place.gpus        # tuple of CUDA_VISIBLE_DEVICES entries
+        self.remote_pid = None        # as the worker reports it (not the launcher's)
+        self.reports_stats = False    # True: the worker sends its own figures
+        self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.state = self.STARTING
         self.task = None
         self.retiring = False         # `remove N`: no new task, then SHUT_DOWN
@@ -1056,23 +1231,36 @@ class Worker:
         self.started = time.monotonic()
         self.stats = {}               # monitoring: current and max figures
         self._buffer = _LineBuffer()
+        self._stderr_buffer = _LineBuffer()
 
     def __repr__(self):
         return "Worker(%d, %s, pid=%s)" % (self.worker_id, self.state, self.pid)
 
-    def command(self, project_dir):
-        """How a worker is launched: this very file, in worker mode."""
-        return [sys.executable, os.path.abspath(__file__), WORKER_MODE,
-                project_dir, str(self.worker_id)]
-
-    def start(self, project_dir):
-        env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    def start(self, argv, env, directory, capture_stderr=False):
+        """Start the worker (or its launcher) in a process group of its own, so
+        that Ctrl-C in the terminal reaches only the main process."""
         self.process = subprocess.Popen(
-            self.command(project_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            cwd=project_dir, env=env, start_new_session=True)
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if capture_stderr else None,
+            cwd=directory, env=env, start_new_session=True)
         self.pid = self.process.pid
+
+    def read_stderr(self):
+        """Complete lines of the launcher's stderr now readable; None at its end."""
+        try:
+            data = os.read(self.process.stderr.fileno(), READ_SIZE)
+        except BlockingIOError:
+            return []
+        if not data:
+            tail = self._stderr_buffer.close()
+            return None if not tail else [tail]
+        return self._stderr_buffer.feed(data)
+
+    def where(self):
+        """'pid' for a local worker, 'pid@host' for one the launcher placed elsewhere."""
+        if self.remote_pid is None or (self.remote_pid == self.pid and not self.host):
+            return str(self.pid)
+        return "%s@%s" % (self.remote_pid, self.host or "?")
 
     def fileno(self):
         return self.process.stdout.fileno()
@@ -1093,9 +1281,10 @@ class Worker:
             return False
 
     def close_pipes(self):
-        for stream in (self.process.stdin, self.process.stdout):
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             try:
-                stream.close()
+                if stream is not None:
+                    stream.close()
             except OSError:
                 pass
 
@@ -1137,8 +1326,10 @@ class Threadward:
         self._selector = None
         self._workers = {}            # worker id -> Worker (until reaped)
         self._next_worker_id = 0
-        self._free_slots = []         # GPU shares not held by a worker
-        self._slot_gpus = []
+        self._free_slots = []         # indexes of slots not held by a worker
+        self._slots = []              # every _Slot: where a worker may run, with its GPUs
+        self._starting = 0            # how many workers start at once
+        self._launcher = None
         self._gpu_uuids = {}          # CUDA_VISIBLE_DEVICES entry -> GPU UUID
         self._monitor = None
         self._next_sample = None
@@ -1189,7 +1380,7 @@ class Threadward:
         self._say("%s%s on %s%s; task output in %s" % (
             "%d of %d tasks already succeeded; running " % (
                 self.skipped, self.skipped + self.total) if self.skipped else "running ",
-            _plural(self.total, "task"), _plural(project.num_workers, "worker"),
+            _plural(self.total, "task"), _plural(self._starting, "worker"),
             self._gpu_summary(), _display_path(project.output_dir)))
         self._open_result_files()
         self._selector = _Selector()
@@ -1220,24 +1411,22 @@ class Threadward:
     # -- preparing ----------------------------------------------------------
 
     def _plan_workers(self):
-        project = self.project
-        if project.gpus_per_worker:
-            try:
-                found = _discover_gpus(project)
-            except ConfigError:
-                _check_gpu_overlap(project, " (and no GPUs were found)")
-                raise
-            self._slot_gpus, self._gpu_uuids = _plan_gpu_slots(
-                project, found, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        else:
-            self._slot_gpus = [()] * project.num_workers
-        self._free_slots = list(range(len(self._slot_gpus)))
+        self._launcher = _Launcher(self.project)
+        self._launcher.check_available()
+        self._slots, self._starting, self._gpu_uuids = self._launcher.plan_slots()
+        self._free_slots = list(range(len(self._slots)))
 
     def _gpu_summary(self):
-        if not self.project.gpus_per_worker:
-            return ", CPU only"
-        used = sorted({g for slot in self._slot_gpus[:self.project.num_workers] for g in slot})
-        return ", GPUs %s" % ",".join(used)
+        project = self.project
+        hosts = sorted({slot.host for slot in self._slots if slot.host})
+        where = " on %s" % ", ".join(hosts) if hosts else (
+            " as Slurm job steps" if self._launcher.kind == "slurm" else "")
+        if not project.gpus_per_worker:
+            return where + ", CPU only"
+        if self._launcher.kind == "slurm":
+            return where + ", %s GPU per worker chosen by Slurm" % project.gpus_per_worker
+        used = sorted({g for slot in self._slots[:self._starting] for g in slot.gpus})
+        return where + ", GPUs %s" % ",".join(used)
 
     def _task_of(self, indices):
         folders = self.project.variable_set.folder_names(indices)
@@ -1355,10 +1544,12 @@ class Threadward:
             self._say("  %-40s %s" % (task.task_id, _display_path(task.folder)))
         if count > len(shown):
             self._say("  ... and %d more" % (count - len(shown)))
-        for slot in range(project.num_workers):
-            gpus = self._slot_gpus[slot]
-            self._say("  worker %d: CUDA_VISIBLE_DEVICES=%s" % (slot, ",".join(gpus) or '""'))
-        reserve = len(self._slot_gpus) - project.num_workers
+        for number, slot in enumerate(self._slots[:self._starting]):
+            self._say("  worker %d%s: CUDA_VISIBLE_DEVICES=%s" % (
+                number, " on %s" % slot.host if slot.host else "",
+                "(chosen by Slurm)" if self._launcher.kind == "slurm" and
+                project.gpus_per_worker else ",".join(slot.gpus) or '""'))
+        reserve = len(self._slots) - self._starting
         if project.gpus_per_worker and reserve > 0:
             self._say("  %d more worker slots in reserve for `add`" % reserve)
         return EXIT_OK
@@ -1406,11 +1597,16 @@ class Threadward:
             self._next_sample = now + STATUS_INTERVAL
             self._sample()
 
+    def _watched_workers(self):
+        """Workers whose process tree psutil can see from here."""
+        return [w for w in self._workers.values() if w.pid and not w.reports_stats]
+
     def _sample(self):
-        workers = [w for w in self._workers.values() if w.pid]
+        workers = self._watched_workers()
         self._monitor.sample(workers)
+
         if any(w.gpus for w in workers):
-            self._monitor.start_gpu_query(lambda: list(self._workers.values()))
+            self._monitor.start_gpu_query(self._watched_workers)
         self._write_status("running")
 
     def _write_status(self, state):
@@ -1424,18 +1620,41 @@ class Threadward:
     # -- workers: start, read, reap -----------------------------------------
 
     def _start_workers(self):
-        for _ in range(self.project.num_workers):
+        for _ in range(self._starting):
             self._start_worker(self._free_slots.pop(0))
 
     def _start_worker(self, slot):
-        worker = Worker(self._next_worker_id, slot, self._slot_gpus[slot])
+        worker = Worker(self._next_worker_id, slot, self._slots[slot])
         self._next_worker_id += 1
         os.makedirs(self.project.worker_log_dir, exist_ok=True)
-        worker.start(self.project.directory)
+        argv, env = self._launcher.command(worker, self.project.directory)
+        # A launcher's own messages (srun, ssh) go through us: shown with the
+        # worker's number, and kept to explain a worker that fails to start.
+        worker.start(argv, env, self.project.directory, capture_stderr=self._launcher.remote)
+        worker.reports_stats = self._launcher.remote
         self._workers[worker.worker_id] = worker
         self._selector.register(worker.fileno(), selectors.EVENT_READ,
                                 lambda: self._on_worker_readable(worker))
+        if worker.process.stderr is not None:
+            os.set_blocking(worker.process.stderr.fileno(), False)
+            self._selector.register(worker.process.stderr.fileno(), selectors.EVENT_READ,
+                                    lambda: self._on_worker_stderr(worker))
         return worker
+
+    def _on_worker_stderr(self, worker):
+        if worker.process.stderr.closed:
+            return   # a stale event from the same select(), after the pipes closed
+        lines = worker.read_stderr()
+
+        if lines is None:
+            self._selector.unregister(worker.process.stderr.fileno())
+            worker.process.stderr.close()
+            return
+        for line in lines:
+            text = line.decode("utf-8", "replace").rstrip()
+            worker.stderr_tail.append(text)
+            sys.stderr.write("[worker %d] %s\n" % (worker.worker_id, text))
+        sys.stderr.flush()
 
     def _on_worker_readable(self, worker):
         lines, ended = worker.read_lines()
@@ -1443,6 +1662,11 @@ class Threadward:
             self._on_worker_line(worker, line)
         if ended:
             self._selector.unregister(worker.fileno())
+            stderr = worker.process.stderr
+            if stderr is not None and not stderr.closed:
+                self._on_worker_stderr(worker)   # what the launcher said as it ended
+                if not stderr.closed:
+                    self._selector.unregister(stderr.fileno())
             worker.close_pipes()
             if worker.poll() is None:
                 worker.deadline = (time.monotonic() + KILL_WAIT, self._kill_worker)
@@ -1459,6 +1683,15 @@ class Threadward:
         if op == "ready":
             worker.state = Worker.IDLE
             self._start_failures[worker.slot] = 0
+            worker.remote_pid = message.get("pid")
+            worker.host = worker.host or (message.get("host") if self._launcher.remote
+                                          else None)
+            if not worker.gpus and message.get("gpus"):   # Slurm chose them
+                worker.gpus = tuple(message["gpus"].split(","))
+        elif op == "stats":
+            for name in ("cpu", "rss", "gpu"):
+                if name in message:
+                    _update_stat(worker.stats, name, message[name])
         elif op == "result" and worker.task is not None:
             task, worker.task = worker.task, None
             worker.state = Worker.IDLE
@@ -1503,7 +1736,8 @@ class Threadward:
     def _on_start_failure(self, worker, reason):
         self._start_failures[worker.slot] += 1
         failures = self._start_failures[worker.slot]
-        detail = worker.fatal or "%s before it was ready" % reason
+        detail = worker.fatal or "\n".join(worker.stderr_tail) or \
+            "%s before it was ready" % reason
         self._say("worker %d could not start (%s):\n%s" % (
             worker.worker_id, reason, "    " + detail.rstrip().replace("\n", "\n    ")))
         if self._stopping or not len(self.scheduler):
@@ -1724,7 +1958,7 @@ class Threadward:
             else:
                 self._say("already stopping (%s)" % self._stopping)
         elif command in ("s", "show"):
-            self._monitor.sample([w for w in self._workers.values() if w.pid])
+            self._monitor.sample(self._watched_workers())
             self._say(self._show_table())
 
         elif command in ("a", "add"):
@@ -1742,13 +1976,14 @@ class Threadward:
             self._say("add: not while stopping (%s)" % self._stopping)
         elif not len(self.scheduler):
             self._say("add: no tasks are waiting; nothing for a new worker to do")
-        elif not self._free_slots and self.project.gpus_per_worker:
+        elif not self._free_slots and self.project.gpus_per_worker \
+                and self._launcher.kind != "slurm":
             self._say("add: no GPUs left in reserve (every usable GPU share is held by a "
                       "worker); remove a worker or widen INCLUDE_GPUS")
         else:
-            if not self._free_slots:
-                self._slot_gpus.append(())
-                self._free_slots.append(len(self._slot_gpus) - 1)
+            if not self._free_slots:   # nothing to reserve: one more like the first
+                self._slots.append(self._slots[0])
+                self._free_slots.append(len(self._slots) - 1)
             worker = self._start_worker(self._free_slots.pop(0))
             self._say("add: started worker %d%s" % (
                 worker.worker_id, " on GPU %s" % ",".join(worker.gpus) if worker.gpus else ""))
@@ -1794,8 +2029,6 @@ class Threadward:
                 _format_duration(self._elapsed()), done, self.total, self.failed,
                 _format_duration(self._eta())))
 
-    SHOW_ROW = "%3s  %-8s %-7s %-32s %11s  %-13s %s"
-
     def _show_table(self):
         """The `show` view (also in status.json): fits 100 columns."""
         done = self.succeeded + self.failed
@@ -1807,19 +2040,29 @@ class Threadward:
             "tasks: %d succeeded, %d failed, %d skipped (done before), %d remaining of %d" % (
                 self.succeeded, self.failed, self.skipped, self.total - done,
                 self.total + self.skipped),
-            self.SHOW_ROW % ("ID", "PID", "GPUs", "state", "CPU% now/max", "RAM now/max",
-                             "GPU mem now/max")]
+        ]
+        # Remote workers show pid@host; the state column gives up the room.
+        where_width = max([8] + [len(w.where()) for w in self._workers.values()])
+        where_width = min(where_width, 20)
+        state_width = 40 - where_width
+        row = "%%3s  %%-%ds %%-7s %%-%ds %%11s  %%-13s %%s" % (where_width, state_width)
+        remote = any(w.host for w in self._workers.values())
+        lines.append(row % ("ID", "PID@host" if remote else "PID", "GPUs", "state",
+                            "CPU% now/max", "RAM now/max", "GPU mem now/max"))
         for worker in self._workers.values():
             state = worker.state
             if worker.task is not None:
                 task_id = worker.task.task_id
+                room = state_width - 13
                 state = "busy %s %s" % (_format_duration(time.monotonic() - worker.task.started),
-                                        task_id if len(task_id) <= 18 else ".." + task_id[-16:])
+                                        task_id if len(task_id) <= room else
+                                        ".." + task_id[2 - room:])
             if worker.retiring:
                 state = "removing; " + state
             stats = worker.stats
-            lines.append(self.SHOW_ROW % (
-                worker.worker_id, worker.pid, ",".join(worker.gpus)[:7] or "-", state[:32],
+            lines.append(row % (
+                worker.worker_id, worker.where()[:where_width], ",".join(worker.gpus)[:7] or "-",
+                state[:state_width],
                 "%s/%s" % (stats.get("cpu", "?"), stats.get("cpu_max", "?")),
                 "%s/%s" % (_format_bytes(stats.get("rss")), _format_bytes(stats.get("rss_max"))),
                 "%s/%s" % (_format_bytes(stats.get("gpu")), _format_bytes(stats.get("gpu_max")))
@@ -1872,9 +2115,11 @@ CONSOLE_HELP = """commands (type one and press Enter):
 class _WorkerProcess:
     """Runs inside a worker subprocess: reads tasks, runs them, reports."""
 
-    def __init__(self, project_dir, worker_id):
+    def __init__(self, project_dir, worker_id, report_stats=False):
         self.project = _Project(project_dir)
         self.worker_id = worker_id
+        self.report_stats = report_stats   # launched elsewhere: say our own figures
+        self._send_lock = threading.Lock()
         self.retained = {}            # variable name -> (value, nickname, converted)
         self._libc = None
         self._streams = None          # our sys.stdin, sys.stdout, sys.stderr
@@ -1943,6 +2188,11 @@ class _WorkerProcess:
         self.claim_channel()
         _become_subreaper()
         try:
+            os.setpgrp()   # a task's processes share our group: one killpg ends them all
+        except OSError:
+            pass           # already a session leader (local workers are)
+        watchdog = _Watchdog(self.channel_in)
+        try:
             os.chdir(self.project.directory)
             sys.path.insert(0, self.project.directory)
             self.project.load_task_module()
@@ -1956,12 +2206,18 @@ class _WorkerProcess:
             error = str(exc) if isinstance(exc, ConfigError) else traceback.format_exc()
             self._send_quietly({"op": "fatal", "error": error})
             return 3
-        self._send_quietly({"op": "ready", "pid": os.getpid()})
+        import socket
+        self._send_quietly({"op": "ready", "pid": os.getpid(), "host": socket.gethostname(),
+                            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+        if self.report_stats:
+            threading.Thread(target=self._report_stats_forever, daemon=True).start()
         while True:
             line = self.reader.readline()
             if not line or line.strip() == SHUT_DOWN.encode():
                 break    # end of input: the main process is gone or done with us
+            watchdog.arm()
             result = self.run_task(json.loads(line))
+            watchdog.disarm()
             if not self._send_quietly(result):
                 return 0  # the main process is gone: never record anything
         self._call_hook("after_each_worker", self.worker_id)
@@ -1969,10 +2225,40 @@ class _WorkerProcess:
 
     def _send_quietly(self, message):
         try:
-            self.send(message)
+            with self._send_lock:   # the stats thread writes lines too
+                self.send(message)
             return True
         except OSError:
             return False
+
+    def _report_stats_forever(self):
+        """A worker the main process cannot watch (launched by srun or ssh)
+        sends its own CPU %, RSS and GPU memory, summed over its process tree."""
+        psutil = _import_psutil()
+        known = {}
+        while True:
+            time.sleep(STATUS_INTERVAL)   # a worker thread, not the main loop
+            stats = {"op": "stats"}
+            pids = {os.getpid()}
+            if psutil is not None:
+                try:
+                    me = psutil.Process()
+                    tree = [me] + me.children(recursive=True)
+                    pids = {p.pid for p in tree}
+                    cpu = rss = 0
+                    for process in tree:
+                        process = known.setdefault(process.pid, process)
+                        cpu += process.cpu_percent(None)
+                        rss += process.memory_info().rss
+                    stats.update(cpu=int(round(cpu)), rss=int(rss))
+                    known = {pid: known[pid] for pid in pids if pid in known}
+                except psutil.Error:
+                    pass
+            if os.environ.get("CUDA_VISIBLE_DEVICES"):
+                stats["gpu"] = _own_gpu_memory(pids)
+            if not self._send_quietly(stats):
+                return
+
 
     def _call_hook(self, name, *arguments):
         function = getattr(self.spec, name, None)
@@ -2130,9 +2416,13 @@ def _child_pids():
     try:
         pids = set()
         for thread in os.listdir("/proc/self/task"):
-            with open("/proc/self/task/%s/children" % thread) as stream:
-                pids.update(int(pid) for pid in stream.read().split())
+            fd = os.open("/proc/self/task/%s/children" % thread, os.O_RDONLY)
+            try:
+                pids.update(int(pid) for pid in os.read(fd, 65536).split())
+            finally:
+                os.close(fd)
         return pids
+
     except (OSError, ValueError):
         pass
     psutil = _import_psutil()
@@ -2182,9 +2472,94 @@ def _end_processes(pids):
             pass
 
 
+class _Watchdog:
+    """Ends the worker mid-task if its stdin closes: the main process (or the
+    srun / ssh between us) is gone, so nobody will ever take the result.
+
+    The main process never writes to a busy worker, so while a task runs,
+    stdin becoming readable can only mean its end.  A thread polls it only
+    while armed (between arm() and disarm()); a self-pipe wakes it to re-arm.
+    """
+
+    def __init__(self, channel_in):
+        self._channel = channel_in
+        self._lock = threading.Lock()
+        self._armed = False
+        self._wake_read, self._wake_write = os.pipe()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def arm(self):
+        self._set(True)
+
+    def disarm(self):
+        self._set(False)
+
+    def _set(self, armed):
+        with self._lock:
+            self._armed = armed
+        os.write(self._wake_write, b".")
+
+    def _watch(self):
+        import select
+        poller = select.poll()
+        poller.register(self._wake_read, select.POLLIN)
+        watching = False
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self._wake_read:
+                    os.read(self._wake_read, 512)
+                    with self._lock:
+                        armed = self._armed
+                    if armed != watching:
+                        if armed:
+                            poller.register(self._channel, select.POLLIN)
+                        else:
+                            poller.unregister(self._channel)
+                        watching = armed
+                    continue
+                with self._lock:
+                    if self._armed:
+                        _end_everything()
+
+
+def _end_everything():
+    """Kill this worker and every process of its task, now."""
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    for pid in _child_pids():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(1)
+
+
+def _own_gpu_memory(pids):
+    """Bytes of GPU memory used by ``pids``, from nvidia-smi (None if unknown)."""
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory",
+             "--format=csv,noheader,nounits"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True,
+            timeout=NVIDIA_SMI_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    used = 0
+    for line in result.stdout.splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        try:
+            if int(fields[0]) in pids:
+                used += int(float(fields[1])) * 1024 * 1024
+        except (IndexError, ValueError):
+            continue
+    return used
+
+
 def _worker_main(argv):
     project_dir, worker_id = argv[0], int(argv[1])
-    return _WorkerProcess(project_dir, worker_id).run()
+    return _WorkerProcess(project_dir, worker_id,
+                          report_stats="--report-stats" in argv[2:]).run()
+
 
 
 ###############################################################################
