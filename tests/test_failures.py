@@ -321,3 +321,30 @@ def task_method(variables, task_folder, log_file):
 if sys.platform != "linux":   # pragma: no cover
     import pytest
     pytestmark = pytest.mark.skip("the fault matrix relies on Linux process semantics")
+
+
+def test_main_killed_mid_task_ends_the_task_promptly(project, tmp_path):
+    """The stdin watchdog: a busy worker whose main process is gone does not
+    run its (hour-long) task to the end; the task's children go with it."""
+    started = tmp_path / "started"
+    started.mkdir()
+    project.write(task="""
+import os, subprocess, time
+def task_method(variables, task_folder, log_file):
+    child = subprocess.Popen(["sleep", "3600"])
+    with open(os.path.join(%r, str(variables["x"])), "w") as stream:
+        stream.write("%%d %%d" %% (os.getpid(), child.pid))
+    time.sleep(3600)
+""" % str(started), variables=VARIABLES, resources="NUM_WORKERS = 2\n")
+    process = project.start()
+    wait_for(lambda: len(os.listdir(str(started))) == 2)
+    pids = [int(pid) for name in os.listdir(str(started))
+            for pid in (started / name).read_text().split()]
+    process.kill()
+    process.communicate(timeout=30)
+
+    def all_gone():
+        return not [p for p in pids if psutil.pid_exists(p) and
+                    psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    wait_for(all_gone, timeout=20)
+    assert project.successful() == [] and project.failed() == {}
