@@ -36,7 +36,8 @@ Data flow (one thread in the main process; nothing blocks but the select)::
 
 Protocol (newline-delimited, on the worker's private copies of fd 0 and 1)::
 
-    parent -> worker   {"op": "task", "id": ..., "folder": ..., "log": ..., "vars": [[name, value, nickname], ...]}
+    parent -> worker   {"op": "task", "id": ..., "folder": ..., "log": ...,
+                        "vars": [[name, value, nickname], ...]}
                        SHUT_DOWN
     worker -> parent   {"op": "ready", "pid": ...}
                        {"op": "result", "id": ..., "status": 0|1, "reason": ..., "seconds": ...}
@@ -220,6 +221,14 @@ def _write_all(fd, data):
     while data:
         written = os.write(fd, data)
         data = data[written:]
+
+
+def _elide(text, width):
+    """``text`` cut in the middle to ``width`` (both ends of a task ID matter)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "~" + text[len(text) - (width - 1 - head):]
 
 
 def _plural(count, noun):
@@ -407,8 +416,8 @@ class VariableSet:
                 listed = [listed]
             allowed = set()
             for item in listed:
-                found = [i for i, (value, nickname) in enumerate(zip(variable.values,
-                                                                      variable.nicknames))
+                pairs = enumerate(zip(variable.values, variable.nicknames))
+                found = [i for i, (value, nickname) in pairs
                          if str(item) in (str(value), nickname)]
                 if not found:
                     raise ConfigError("%s: exceptions[%r] lists %r, which is not one of its "
@@ -806,7 +815,8 @@ class _Project:
         if isinstance(launcher, (list, tuple)):
             if not launcher or not all(isinstance(part, str) for part in launcher):
                 raise ConfigError("LAUNCHER as a list must be a non-empty command prefix of "
-                                  "strings, like [\"env\", \"X=1\"]", _setting_line(path, "LAUNCHER"))
+                                  "strings, like [\"env\", \"X=1\"]",
+                                  _setting_line(path, "LAUNCHER"))
             launcher = list(launcher)
         elif launcher not in LAUNCHERS:
             raise ConfigError("LAUNCHER = %r; use one of: %s, or a command prefix list"
@@ -1778,8 +1788,8 @@ class Threadward:
         except OSError:
             return
         if lines and self.project.failure_handling != "SILENT_CONTINUE":
-            self._say("  last lines of %s:\n    %s" % (_display_path(task.log_file),
-                                                     "\n    ".join(lines)))
+            self._say("  last lines of %s:\n    %s"
+                      % (_display_path(task.log_file), "\n    ".join(lines)))
 
     # -- handing out tasks --------------------------------------------------
 
@@ -1858,7 +1868,6 @@ class Threadward:
             self._say("cannot record %r in %s (%s); stopping: free space or fix permissions, "
                       "then run again" % (line, name, exc))
             self._stop("results cannot be written")
-
 
     # -- stopping -----------------------------------------------------------
 
@@ -2053,10 +2062,8 @@ class Threadward:
             state = worker.state
             if worker.task is not None:
                 task_id = worker.task.task_id
-                room = state_width - 13
                 state = "busy %s %s" % (_format_duration(time.monotonic() - worker.task.started),
-                                        task_id if len(task_id) <= room else
-                                        ".." + task_id[2 - room:])
+                                        _elide(task_id, state_width - 13))
             if worker.retiring:
                 state = "removing; " + state
             stats = worker.stats
@@ -2069,11 +2076,11 @@ class Threadward:
                 if worker.gpus else "-"))
         return "\n".join(lines)
 
-
     def _print_summary(self):
         stopped = self._stopping and len(self.scheduler)
         self._say("%s in %s: %d succeeded, %d failed%s%s" % (
-            "stopped" if stopped else "done", _format_duration(self._elapsed()),
+            "stopped (%s)" % self._stopping if stopped else "done",
+            _format_duration(self._elapsed()),
             self.succeeded, self.failed,
             ", %d not run" % len(self.scheduler) if len(self.scheduler) else "",
             ", %d skipped (already succeeded)" % self.skipped if self.skipped else ""))
@@ -2123,7 +2130,7 @@ class _WorkerProcess:
         self.retained = {}            # variable name -> (value, nickname, converted)
         self._libc = None
         self._streams = None          # our sys.stdin, sys.stdout, sys.stderr
-        self._worker_children = set() # started by before_each_worker: they may stay
+        self._worker_children = set()  # started by before_each_worker: they may stay
 
     # -- the private protocol channel ---------------------------------------
 
@@ -2259,7 +2266,6 @@ class _WorkerProcess:
             if not self._send_quietly(stats):
                 return
 
-
     def _call_hook(self, name, *arguments):
         function = getattr(self.spec, name, None)
         if function is not None:
@@ -2306,7 +2312,8 @@ class _WorkerProcess:
         judged by SUCCESS_CONDITION; returns (success, one-line reason)."""
         condition = self.project.success_condition
         error = None
-        variables = None
+        # If a converter fails, verify_task_success still gets the raw values.
+        variables = {name: value for name, value, _ in variable_list}
         try:
             variables = self._convert(variable_list)
             self._call_hook("before_each_task", variables, folder, log_file)
@@ -2561,7 +2568,6 @@ def _worker_main(argv):
                           report_stats="--report-stats" in argv[2:]).run()
 
 
-
 ###############################################################################
 # Project scaffolding (init) ##################################################
 ###############################################################################
@@ -2660,8 +2666,26 @@ def _cmd_status(args):
     except FileNotFoundError:
         raise ThreadwardError("no status file at %s; is a run going on in this project?"
                               % _display_path(project.status_file))
-    sys.stdout.write(status.get("show", "") + "\n")
+    updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.get("updated", 0)))
+    if status.get("state") == "finished":
+        header = "the run finished; its last status (%s):" % updated
+    elif _pid_alive(status.get("pid")):
+        header = "running (main process %s), updated %s:" % (status.get("pid"), updated)
+    else:
+        header = "the run (main process %s) is gone; its last status (%s):" % (
+            status.get("pid"), updated)
+    sys.stdout.write(header + "\n" + status.get("show", "") + "\n")
     return EXIT_OK
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main(argv=None):
@@ -2686,6 +2710,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         _stderr("interrupted before any task ran")
         return 130
+    except BrokenPipeError:
+        # `threadward run --dry-run | head`: the reader left; so do we, quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -466,7 +466,7 @@ def test_quit_from_a_regular_file_stops_the_run_early(project, tmp_path):
     assert len(project.successful()) < 10
     assert project.failed() == {}
     assert "quit" in result.stdout
-    assert re.search(r"^stopped in \S+: \d+ succeeded, 0 failed, \d+ not run$",
+    assert re.search(r"^stopped \(quit\) in \S+: \d+ succeeded, 0 failed, \d+ not run$",
                      result.stdout, re.M), explain(result)
 
 
