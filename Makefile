@@ -41,3 +41,14 @@ version:
 
 clean:
 	rm -rf .venv .venv-* build *.egg-info .pytest_cache
+
+# make cluster-up    a throw-away Slurm cluster (2 fake GPUs) and an sshd on
+#                    127.0.0.1 for tests/test_launchers.py (root; see .ci/cluster-up);
+#                    then: . /tmp/threadward-ci/env.sh && make test
+# make cluster-down  stop them
+.PHONY: cluster-up cluster-down
+cluster-up:
+	.ci/cluster-up
+
+cluster-down:
+	.ci/cluster-down

@@ -129,12 +129,15 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # CUDA call does not hold up a quit.
 KILL_WAIT = 5.0
 # Preemption: after SIGTERM, running tasks get this long before they are ended
-# (the default of the SIGTERM_GRACE setting; Slurm's KillWait is often 30 s).
-SIGTERM_GRACE = 30.0
+# (the default of the SIGTERM_GRACE setting): under Slurm's usual KillWait of
+# 30 s, so the interrupted tasks are recorded before SIGKILL comes.
+SIGTERM_GRACE = 20.0
 # Progress lines: at least every 10% of the tasks, and at least this often.
 PROGRESS_INTERVAL = 30.0
-# A slot whose worker fails to start this many times in a row is given up.
+# A slot whose worker fails to start this many times in a row is given up;
+# the n-th retry waits n * START_RETRY_DELAY s (a host briefly down, srun busy).
 MAX_START_FAILURES = 3
+START_RETRY_DELAY = 1.0
 # os.read size for worker pipes (what subprocess uses).
 READ_SIZE = 32768
 # Status file and monitoring refresh.
@@ -1231,6 +1234,7 @@ class Worker:
         self.state = self.STARTING
         self.task = None
         self.retiring = False         # `remove N`: no new task, then SHUT_DOWN
+        self.terminated = False       # SIGTERM from outside ended its task
         self.fatal = None             # start-up traceback sent by the worker
         self.end_reason = None        # why threadward ended it ("timeout"), if it did
         self.process = None
@@ -1347,6 +1351,8 @@ class Threadward:
         self._stopping = None         # None, or why no new tasks are handed out
         self._interrupting = False
         self._hook_failed = False
+        self._stop_deadline = None    # SIGTERM: when running tasks are ended
+        self._pending_starts = []     # (when, slot): retries of workers that failed to start
 
         self._wakeup = None
         self._old_signals = {}
@@ -1405,7 +1411,10 @@ class Threadward:
             try:
                 self._start_workers()
                 self._loop()
+                if len(self.scheduler):
+                    self._stop("no worker left to run the remaining tasks")
             finally:
+
                 self._stop_all_workers()
                 if not self._call_main_hook("after_all_tasks"):
                     self._hook_failed = True
@@ -1567,7 +1576,7 @@ class Threadward:
     # -- the loop -----------------------------------------------------------
 
     def _loop(self):
-        while self._workers:
+        while self._workers or self._pending_starts:
             self._wait_for_events()
             self._expire_deadlines()
             self._reap_workers()
@@ -1584,15 +1593,21 @@ class Threadward:
         deadlines.append(self._last_progress[0] + PROGRESS_INTERVAL
                          if self._last_progress[0] else self._started + PROGRESS_INTERVAL)
         deadlines.append(self._next_sample)
+        deadlines.extend(when for when, _ in self._pending_starts)
         for deadline in (self._stop_deadline, self._monitor.deadline()):
             if deadline:
                 deadlines.append(deadline)
         return max(0.0, min(deadlines) - now)
 
-    _stop_deadline = None
-
     def _expire_deadlines(self):
         now = time.monotonic()
+        for when, slot in list(self._pending_starts):
+            if now >= when:
+                self._pending_starts.remove((when, slot))
+                if self._stopping or not len(self.scheduler):
+                    self._free_slots.append(slot)
+                else:
+                    self._start_worker(slot)
         if self._stop_deadline and now >= self._stop_deadline:
             self._stop_deadline = None
             self._say("grace period over; ending running tasks")
@@ -1708,8 +1723,14 @@ class Threadward:
             worker.deadline = None
             worker.tasks_done += 1
             self.scheduler.release(worker.worker_id)
-            self._record(task, message.get("status") == 0, message.get("reason") or "",
-                         message.get("seconds"))
+            reason = message.get("reason") or ""
+            if message.get("status") != 0 and (worker.end_reason or self._interrupting):
+                reason = worker.end_reason or "interrupted"   # we ended it, and know why
+            elif message.get("terminated"):
+                reason = "interrupted"
+                worker.terminated = True   # by someone else: it is not replaced
+            self._record(task, message.get("status") == 0, reason, message.get("seconds"))
+
         elif op == "fatal":
             worker.fatal = message.get("error") or "unknown error"
 
@@ -1737,7 +1758,10 @@ class Threadward:
         if previous == Worker.STARTING:
             self._on_start_failure(worker, reason)
             return
-        if worker.retiring or previous == Worker.STOPPING:
+        if worker.retiring or previous == Worker.STOPPING or worker.terminated:
+            if worker.terminated and not self._stopping:
+                self._say("worker %d was stopped by a SIGTERM from outside threadward; it is "
+                          "not replaced (`add` starts another)" % worker.worker_id)
             self._free_slots.append(worker.slot)
             self._free_slots.sort()
             return
@@ -1755,10 +1779,11 @@ class Threadward:
         if failures >= MAX_START_FAILURES:
             self._say("giving up worker slot %d after %d failed starts in a row"
                       % (worker.slot, failures))
-            if not self._workers:
+            if not self._workers and not self._pending_starts:
                 self._stop("no worker could start")
             return
-        self._start_worker(worker.slot)
+        self._pending_starts.append((time.monotonic() + failures * START_RETRY_DELAY,
+                                     worker.slot))
 
     def _replace_worker(self, worker, reason):
         if self._stopping or not len(self.scheduler):
@@ -2218,15 +2243,29 @@ class _WorkerProcess:
                             "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
         if self.report_stats:
             threading.Thread(target=self._report_stats_forever, daemon=True).start()
+        signal.signal(signal.SIGTERM, _raise_terminated)
         while True:
-            line = self.reader.readline()
+            try:
+                line = self.reader.readline()
+            except _Terminated:
+                return 128 + signal.SIGTERM
             if not line or line.strip() == SHUT_DOWN.encode():
                 break    # end of input: the main process is gone or done with us
+            message = json.loads(line)
+            started = time.monotonic()
             watchdog.arm()
-            result = self.run_task(json.loads(line))
+            try:
+                result = self.run_task(message)
+            except _Terminated:
+                # Preemption (Slurm signals every step) or threadward ending
+                # the task: it did not fail, it was stopped; a rerun retries it.
+                result = self._result(message, False, "interrupted (SIGTERM)", started)
+                result["terminated"] = True
             watchdog.disarm()
             if not self._send_quietly(result):
                 return 0  # the main process is gone: never record anything
+            if result.get("terminated"):
+                return 128 + signal.SIGTERM
         self._call_hook("after_each_worker", self.worker_id)
         return 0
 
@@ -2477,6 +2516,15 @@ def _end_processes(pids):
             process.kill()
         except psutil.Error:
             pass
+
+
+class _Terminated(BaseException):
+    """SIGTERM reached a worker (not an Exception: a task's `except
+    Exception` must not swallow it)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
 
 
 class _Watchdog:

@@ -28,7 +28,7 @@ TASK_TIMEOUT = None
 # Seconds running tasks get to finish after threadward receives SIGTERM (as
 # Slurm sends before it ends a job); then they are ended and recorded as
 # "interrupted", so the next `threadward run` retries them.
-SIGTERM_GRACE = 30
+SIGTERM_GRACE = 20
 
 
 def task_method(variables, task_folder, log_file):
