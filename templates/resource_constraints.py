@@ -18,3 +18,21 @@ NUM_GPUS_PER_WORKER = 0
 # allowed but not needed at the start are kept in reserve for the `add` command.
 AVOID_GPUS = None
 INCLUDE_GPUS = None
+
+# How workers are started (default "local": processes on this machine).
+#   "slurm"   each worker is one Slurm job step: srun --nodes=1 --ntasks=1
+#             (--exact inside an allocation) --gpus=NUM_GPUS_PER_WORKER;
+#             Slurm chooses the GPUs.  SLURM_OPTIONS are added to every srun,
+#             e.g. ["--partition=gpu", "--time=2:00:00", "--immediate=60"].
+#   "ssh"     workers on the HOSTS, e.g. ["node1", "node2:4"] ("host:N": N
+#             workers there; a host alone gets NUM_WORKERS).  SSH_OPTIONS are
+#             added to every ssh; the project must be at the same path there
+#             (a shared filesystem), and REMOTE_PYTHON names the interpreter
+#             if it is not at the same path as here.
+#   ["any", "command", "{worker_id}", "{gpus}"]   a prefix put before the
+#             worker's command (kubectl exec, a container runtime, ...).
+LAUNCHER = "local"
+SLURM_OPTIONS = []
+HOSTS = []
+SSH_OPTIONS = []
+REMOTE_PYTHON = None
