@@ -2572,12 +2572,23 @@ class _Watchdog:
                             poller.unregister(self._channel)
                         watching = armed
                     continue
+                # This event may be stale: the next task's line, read since
+                # (and the watchdog re-armed for it).  While armed, nothing
+                # may be waiting, so look again now, under the lock.
                 with self._lock:
-                    if self._armed:
+                    if self._armed and _readable_now(self._channel):
                         _end_everything()
 
 
+def _readable_now(fd):
+    import select
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _end_everything():
+
     """Kill this worker and every process of its task, now."""
     if os.getpgrp() == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)

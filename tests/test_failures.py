@@ -373,3 +373,17 @@ def task_method(variables, task_folder, log_file):
     assert sorted(project.successful()) == TASKS[1:]
     assert "stopped by a SIGTERM from outside threadward; it is not replaced" in out
     assert "in its place" not in out
+
+
+def test_many_quick_tasks_never_trip_the_stdin_watchdog(project):
+    """A regression test: the watchdog once acted on a stale readiness event
+    (the next task's line, already read) and killed healthy workers."""
+    project.write(task="def task_method(variables, task_folder, log_file):\n    pass\n",
+                  variables="""
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=list(range(3000)))
+""", resources="NUM_WORKERS = 2\n")
+    result = project.run()
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert project.failed() == {}
+    assert len(project.successful()) == 3000
