@@ -1093,7 +1093,21 @@ class _Launcher:
 ###############################################################################
 
 
+def _compute_apps(output):
+    """[(pid, bytes of GPU memory, GPU UUID)] from `nvidia-smi
+    --query-compute-apps=pid,used_memory,gpu_uuid --format=csv,noheader,nounits`."""
+    apps = []
+    for line in output.decode("utf-8", "replace").splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        try:
+            apps.append((int(fields[0]), int(float(fields[1])) * 1024 * 1024, fields[2]))
+        except (IndexError, ValueError):
+            continue   # "[N/A]" figures, or a blank line
+    return apps
+
+
 def _update_stat(stats, name, value):
+
     stats[name] = value
     if value is not None:
         stats[name + "_max"] = max(value, stats.get(name + "_max") or 0)
@@ -1157,6 +1171,11 @@ class _Monitor:
         for pid in list(self._processes):
             if pid not in seen:
                 del self._processes[pid]
+        alive = {worker.worker_id for worker in workers}
+        for worker_id in list(self._descendants):
+            if worker_id not in alive:
+                del self._descendants[worker_id]
+
 
     def start_gpu_query(self, workers):
         """Start nvidia-smi unless one is running; its output arrives later.
@@ -1181,12 +1200,8 @@ class _Monitor:
             return
         self._finish_query()
         usage = collections.Counter()
-        for line in b"".join(self._query_output).decode("utf-8", "replace").splitlines():
-            fields = [field.strip() for field in line.split(",")]
-            try:
-                usage[int(fields[0]), fields[2]] += int(float(fields[1])) * 1024 * 1024
-            except (IndexError, ValueError):
-                continue
+        for pid, used, uuid in _compute_apps(b"".join(self._query_output)):
+            usage[pid, uuid] += used
         for worker in workers():
             uuids = {self._gpu_uuids.get(gpu, gpu) for gpu in worker.gpus}
             pids = self._descendants.get(worker.worker_id, {worker.pid})
@@ -1589,9 +1604,10 @@ class Threadward:
 
     def _next_timeout(self):
         now = time.monotonic()
+        # The sample timer (every STATUS_INTERVAL s) also paces the time-based
+        # progress line; a deadline of its own would lie in the past while no
+        # task finishes, and the loop would spin.
         deadlines = [w.deadline[0] for w in self._workers.values() if w.deadline]
-        deadlines.append(self._last_progress[0] + PROGRESS_INTERVAL
-                         if self._last_progress[0] else self._started + PROGRESS_INTERVAL)
         deadlines.append(self._next_sample)
         deadlines.extend(when for when, _ in self._pending_starts)
         for deadline in (self._stop_deadline, self._monitor.deadline()):
@@ -1651,11 +1667,17 @@ class Threadward:
     def _start_worker(self, slot):
         worker = Worker(self._next_worker_id, slot, self._slots[slot])
         self._next_worker_id += 1
-        os.makedirs(self.project.worker_log_dir, exist_ok=True)
         argv, env = self._launcher.command(worker, self.project.directory)
         # A launcher's own messages (srun, ssh) go through us: shown with the
         # worker's number, and kept to explain a worker that fails to start.
-        worker.start(argv, env, self.project.directory, capture_stderr=self._launcher.remote)
+        try:
+            os.makedirs(self.project.worker_log_dir, exist_ok=True)
+            worker.start(argv, env, self.project.directory,
+                         capture_stderr=self._launcher.remote)
+        except OSError as exc:   # too many open files, a launcher gone since start-up
+            worker.fatal = "could not run %s: %s" % (argv[0], exc)
+            self._on_start_failure(worker, "it could not be started")
+            return None
         worker.reports_stats = self._launcher.remote
         self._workers[worker.worker_id] = worker
         self._selector.register(worker.fileno(), selectors.EVENT_READ,
@@ -1701,8 +1723,12 @@ class Threadward:
     def _on_worker_line(self, worker, line):
         try:
             message = json.loads(line)
+            if not isinstance(message, dict):
+                raise ValueError
         except ValueError:
-            _stderr("worker %d sent an unreadable line: %r" % (worker.worker_id, line[:200]))
+            # e.g. a login script printing on the ssh session before the worker starts
+            _stderr("ignored a line from worker %d that is not a protocol message: %r"
+                    % (worker.worker_id, line[:200]))
             return
         op = message.get("op")
         if op == "ready":
@@ -1729,6 +1755,8 @@ class Threadward:
             elif message.get("terminated"):
                 reason = "interrupted"
                 worker.terminated = True   # by someone else: it is not replaced
+            if message.get("terminated"):
+                worker.state = Worker.STOPPING   # it exits after this line: no new task
             self._record(task, message.get("status") == 0, reason, message.get("seconds"))
 
         elif op == "fatal":
@@ -1736,8 +1764,7 @@ class Threadward:
 
     def _reap_workers(self):
         for worker in list(self._workers.values()):
-            if worker.state != Worker.EXITED and worker.returncode is None \
-                    and worker.process.stdout.closed and worker.poll() is not None:
+            if worker.process.stdout.closed and worker.poll() is not None:
                 self._on_worker_exit(worker)
 
     def _on_worker_exit(self, worker):
@@ -1758,7 +1785,8 @@ class Threadward:
         if previous == Worker.STARTING:
             self._on_start_failure(worker, reason)
             return
-        if worker.retiring or previous == Worker.STOPPING or worker.terminated:
+        if worker.retiring or worker.terminated or (
+                previous == Worker.STOPPING and not worker.end_reason):
             if worker.terminated and not self._stopping:
                 self._say("worker %d was stopped by a SIGTERM from outside threadward; it is "
                           "not replaced (`add` starts another)" % worker.worker_id)
@@ -1775,6 +1803,7 @@ class Threadward:
         self._say("worker %d could not start (%s):\n%s" % (
             worker.worker_id, reason, "    " + detail.rstrip().replace("\n", "\n    ")))
         if self._stopping or not len(self.scheduler):
+            self._free_slots.append(worker.slot)
             return
         if failures >= MAX_START_FAILURES:
             self._say("giving up worker slot %d after %d failed starts in a row"
@@ -1790,7 +1819,9 @@ class Threadward:
             self._free_slots.append(worker.slot)
             return
         replacement = self._start_worker(worker.slot)
-        self._say("%s; started worker %d in its place" % (reason, replacement.worker_id))
+        if replacement is not None:
+            self._say("%s; started worker %d in its place" % (reason, replacement.worker_id))
+
 
     def _kill_worker(self, worker):
         worker.signal_group(signal.SIGKILL)
@@ -1948,15 +1979,17 @@ class Threadward:
             if signum == signal.SIGINT and self._stopping and not self._interrupting:
                 self._say("second Ctrl-C: ending running tasks (recorded as interrupted)")
                 self._interrupt_running()
-            elif signum in (signal.SIGINT, signal.SIGTERM) and not self._stopping:
-                self._stop("stopped by %s" % signal.Signals(signum).name)
-                if signum == signal.SIGTERM:
-                    self._stop_deadline = time.monotonic() + self.project.sigterm_grace
-                    self._say("SIGTERM: no new tasks; running tasks get %ds to finish"
-                              % self.project.sigterm_grace)
-                else:
-                    self._say("stopping: no new tasks; running tasks finish "
-                              "(press Ctrl-C again to stop running tasks)")
+            elif signum == signal.SIGTERM and not self._stop_deadline \
+                    and not self._interrupting:
+                # Even after `quit`: preemption gives a deadline we must keep.
+                self._stop("stopped by SIGTERM")
+                self._stop_deadline = time.monotonic() + self.project.sigterm_grace
+                self._say("SIGTERM: no new tasks; running tasks get %ds to finish"
+                          % self.project.sigterm_grace)
+            elif signum == signal.SIGINT and not self._stopping:
+                self._stop("stopped by SIGINT")
+                self._say("stopping: no new tasks; running tasks finish "
+                          "(press Ctrl-C again to stop running tasks)")
 
     # -- console ------------------------------------------------------------
 
@@ -1976,8 +2009,10 @@ class Threadward:
         if not data:
             # End of input ends the console only; the run goes on (nohup, sbatch).
             self._selector.unregister(self._stdin_fd)
-            return
-        for line in self._console.feed(data):
+            lines = [self._console.close()]   # `echo -n q |`: a last line without \n
+        else:
+            lines = self._console.feed(data)
+        for line in lines:
             self._console_command(line.decode("utf-8", "replace").strip())
 
     def _console_command(self, line):
@@ -2019,8 +2054,9 @@ class Threadward:
                 self._slots.append(self._slots[0])
                 self._free_slots.append(len(self._slots) - 1)
             worker = self._start_worker(self._free_slots.pop(0))
-            self._say("add: started worker %d%s" % (
-                worker.worker_id, " on GPU %s" % ",".join(worker.gpus) if worker.gpus else ""))
+            if worker is not None:
+                self._say("add: started worker %d%s" % (worker.worker_id, " on GPU %s" % (
+                    ",".join(worker.gpus)) if worker.gpus else ""))
 
     def _console_remove(self, arguments):
         try:
@@ -2152,6 +2188,9 @@ class _WorkerProcess:
         self.worker_id = worker_id
         self.report_stats = report_stats   # launched elsewhere: say our own figures
         self._send_lock = threading.Lock()
+        self._sigterm_raises = False
+        self._sigterm_pending = False
+        self._helper_pids = set()     # nvidia-smi of the stats thread: not the task's
         self.retained = {}            # variable name -> (value, nickname, converted)
         self._libc = None
         self._streams = None          # our sys.stdin, sys.stdout, sys.stderr
@@ -2243,10 +2282,14 @@ class _WorkerProcess:
                             "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
         if self.report_stats:
             threading.Thread(target=self._report_stats_forever, daemon=True).start()
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        # SIGTERM raises _Terminated only while we wait for a task or run one;
+        # elsewhere (sending a result) it is noted and acted on after.
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         while True:
             try:
+                self._sigterm_raises = True
                 line = self.reader.readline()
+                self._sigterm_raises = False
             except _Terminated:
                 return 128 + signal.SIGTERM
             if not line or line.strip() == SHUT_DOWN.encode():
@@ -2255,19 +2298,28 @@ class _WorkerProcess:
             started = time.monotonic()
             watchdog.arm()
             try:
+                self._sigterm_raises = True
                 result = self.run_task(message)
+                self._sigterm_raises = False
             except _Terminated:
+                self._sigterm_raises = False
                 # Preemption (Slurm signals every step) or threadward ending
                 # the task: it did not fail, it was stopped; a rerun retries it.
                 result = self._result(message, False, "interrupted (SIGTERM)", started)
-                result["terminated"] = True
+                self._sigterm_pending = True
+            result["terminated"] = self._sigterm_pending
             watchdog.disarm()
             if not self._send_quietly(result):
                 return 0  # the main process is gone: never record anything
-            if result.get("terminated"):
+            if self._sigterm_pending:
                 return 128 + signal.SIGTERM
         self._call_hook("after_each_worker", self.worker_id)
         return 0
+
+    def _on_sigterm(self, signum, frame):
+        if self._sigterm_raises:
+            raise _Terminated()
+        self._sigterm_pending = True
 
     def _send_quietly(self, message):
         try:
@@ -2301,7 +2353,7 @@ class _WorkerProcess:
                 except psutil.Error:
                     pass
             if os.environ.get("CUDA_VISIBLE_DEVICES"):
-                stats["gpu"] = _own_gpu_memory(pids)
+                stats["gpu"] = _own_gpu_memory(pids, self._helper_pids)
             if not self._send_quietly(stats):
                 return
 
@@ -2336,10 +2388,9 @@ class _WorkerProcess:
             success, reason = self._run_hooks(message["vars"], folder, log_file)
         finally:
             self._point_output(self.worker_log_fd)
-            _end_new_children(self._worker_children)
-            if tee is not None:
-                tee.close()
-            os.close(log_fd)
+            _end_new_children(self._worker_children | self._helper_pids)
+            if tee is None or tee.close():
+                os.close(log_fd)
         return self._result(message, success, reason, started)
 
     def _result(self, message, success, reason, started):
@@ -2430,8 +2481,11 @@ class _Tee:
             os.close(read_fd)
 
     def close(self):
+        """False if the copy is still going (something still holds the pipe):
+        then the log fd must stay open, lest its number be reused under it."""
         os.close(self.write_fd)
         self._thread.join(KILL_WAIT)
+        return not self._thread.is_alive()
 
 
 def _make_folder(folder):
@@ -2523,10 +2577,6 @@ class _Terminated(BaseException):
     Exception` must not swallow it)."""
 
 
-def _raise_terminated(signum, frame):
-    raise _Terminated()
-
-
 class _Watchdog:
     """Ends the worker mid-task if its stdin closes: the main process (or the
     srun / ssh between us) is gone, so nobody will ever take the result.
@@ -2600,25 +2650,26 @@ def _end_everything():
     os._exit(1)
 
 
-def _own_gpu_memory(pids):
-    """Bytes of GPU memory used by ``pids``, from nvidia-smi (None if unknown)."""
+def _own_gpu_memory(pids, helper_pids):
+    """Bytes of GPU memory used by ``pids``, from nvidia-smi (None if unknown).
+    While it runs, nvidia-smi's PID is in ``helper_pids``, so that the end of
+    a task does not take it for one of the task's processes."""
     try:
-        result = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory",
-             "--format=csv,noheader,nounits"], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True,
-            timeout=NVIDIA_SMI_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired):
+        query = subprocess.Popen(_Monitor.QUERY, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except OSError:
         return None
-    used = 0
-    for line in result.stdout.splitlines():
-        fields = [field.strip() for field in line.split(",")]
-        try:
-            if int(fields[0]) in pids:
-                used += int(float(fields[1])) * 1024 * 1024
-        except (IndexError, ValueError):
-            continue
-    return used
+    helper_pids.add(query.pid)
+    try:
+        output, _ = query.communicate(timeout=NVIDIA_SMI_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        query.kill()
+        query.wait()
+        return None
+    finally:
+        helper_pids.discard(query.pid)
+    return sum(used for pid, used, _ in _compute_apps(output) if pid in pids)
+
 
 
 def _worker_main(argv):

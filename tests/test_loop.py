@@ -1,0 +1,74 @@
+"""The main loop's timing and input handling (regressions found in review)."""
+
+import selectors
+import subprocess
+import time
+
+import threadward
+
+
+def test_loop_sleeps_when_no_task_has_finished_for_a_long_time(project):
+    """Once PROGRESS_INTERVAL passed with no finished task, the loop used to
+    compute a timeout of 0 and spin a core until a task finished."""
+    runner = threadward.Threadward(project.dir)
+    runner._started = time.monotonic() - 10 * threadward.PROGRESS_INTERVAL
+    runner._next_sample = time.monotonic() + threadward.STATUS_INTERVAL
+    runner._monitor = threadward._Monitor(selectors.DefaultSelector(), {})
+    assert runner._next_timeout() > threadward.STATUS_INTERVAL / 2
+
+
+def test_main_process_cpu_stays_low_while_a_long_task_runs(project, tmp_path):
+    """The same, end to end: a task outliving the progress interval would
+    show the spin as the main process's CPU time (bounded generously)."""
+    project.write(task="""
+import time
+def task_method(variables, task_folder, log_file):
+    time.sleep(4)
+""", variables="""
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=[1])
+""", resources="NUM_WORKERS = 1\n")
+    command = project.command()
+    script = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], "
+              "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL); "
+              "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+              "print(u.ru_utime + u.ru_stime)")
+    # PROGRESS_INTERVAL shrunk through a wrapper module, so 4 s outlives it.
+    wrapper = tmp_path / "short_interval.py"
+    wrapper.write_text("import sys, runpy\nsys.path.insert(0, %r)\nimport threadward\n"
+                       "threadward.PROGRESS_INTERVAL = 0.5\n"
+                       "sys.exit(threadward.main())\n" % threadward.__file__.rsplit("/", 1)[0])
+    result = subprocess.run([command[0], "-c", script, command[0], str(wrapper)] + command[2:],
+                            stdout=subprocess.PIPE, universal_newlines=True, timeout=120)
+    cpu_seconds = float(result.stdout.split()[-1])
+    # Workers count too (RUSAGE_CHILDREN); a spinning loop would burn ~4 s.
+    assert cpu_seconds < 2.5, cpu_seconds
+    assert project.successful() == ["1"]
+
+
+def test_a_line_that_is_not_a_protocol_message_is_ignored(project):
+    """Login scripts on an ssh host can print before the worker starts; here a
+    command-prefix launcher does it: JSON that is not an object, and text."""
+    project.write(resources="""
+NUM_WORKERS = 1
+LAUNCHER = ["sh", "-c", 'echo null; echo 42; echo "Welcome to node1"; exec "$@"', "sh"]
+""")
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(project.successful()) == ["1", "2", "3"]
+    assert "not a protocol message" in result.stderr
+
+
+def test_a_last_console_command_without_newline_is_obeyed(project):
+    project.write(task="""
+import time
+def task_method(variables, task_folder, log_file):
+    time.sleep(0.3)
+""", variables="""
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=list(range(20)))
+""", resources="NUM_WORKERS = 1\n")
+    result = project.run(input="q")
+    assert result.returncode == 1, result.stdout
+    assert "quit: no new tasks" in result.stdout
+    assert len(project.successful()) < 20
