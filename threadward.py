@@ -39,9 +39,16 @@ Protocol (newline-delimited, on the worker's private copies of fd 0 and 1)::
     parent -> worker   {"op": "task", "id": ..., "folder": ..., "log": ...,
                         "vars": [[name, value, nickname], ...]}
                        SHUT_DOWN
-    worker -> parent   {"op": "ready", "pid": ...}
-                       {"op": "result", "id": ..., "status": 0|1, "reason": ..., "seconds": ...}
+    worker -> parent   {"op": "ready", "pid": ..., "host": ..., "gpus": CUDA_VISIBLE_DEVICES}
+                       {"op": "result", "id": ..., "status": 0|1, "reason": ..., "seconds": ...,
+                        "terminated": true if SIGTERM ended it (the worker then exits)}
                        {"op": "fatal", "error": ...}          (start-up failed)
+                       {"op": "stats", "cpu": ..., "rss": ..., "gpu": ...}
+                                  (every 2 s, from workers behind a launcher: srun, ssh)
+
+The parent writes to a worker only when it is idle, so while a task runs the
+worker's stdin has nothing to read: if it becomes readable, the parent is
+gone, and a watchdog thread ends the task.
 
 Everything a task prints, at the Python or the file-descriptor level and from
 child processes, goes to the task's log; nothing it prints or reads can reach
@@ -123,6 +130,13 @@ MAIN_HOOKS = ("before_all_tasks", "after_all_tasks")
 RESULT_HOOKS = ("on_task_success", "on_task_failure")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+CONSOLE_HELP = """commands (type one and press Enter):
+  show (s)        progress, and each worker's state, CPU, RAM and GPU memory
+  quit (q)        no new tasks; running tasks finish, then teardown
+  add (a)         start one more worker under the same constraints
+  remove N (r N)  worker N takes no new task and shuts down after its current one
+  help (h)        this list"""
 
 # Seconds between SIGTERM and SIGKILL when a worker's process group is ended.
 # Long enough for a task to flush and close files, short enough that a stuck
@@ -484,7 +498,7 @@ class VariableSet:
 class Task:
     """One combination of variable values, identified by its folder path."""
 
-    __slots__ = ("task_id", "indices", "folder", "log_file", "worker_id", "started")
+    __slots__ = ("task_id", "indices", "folder", "log_file", "started")
 
     LOG_NAME = "task.log"
 
@@ -493,7 +507,6 @@ class Task:
         self.indices = indices
         self.folder = folder
         self.log_file = os.path.join(folder, self.LOG_NAME)
-        self.worker_id = None
         self.started = None
 
     def __repr__(self):
@@ -507,31 +520,12 @@ class Task:
                            separators=(",", ":")) + "\n").encode()
 
 
-def _case_insensitive(directory):
-    """Whether the filesystem holding ``directory`` ignores case (macOS, some mounts)."""
-    probe = os.path.join(directory, ".threadward-Case-Probe-%d" % os.getpid())
-    open(probe, "w").close()
-    try:
-        return os.path.exists(probe.lower())
-    finally:
-        os.unlink(probe)
-
-
-def _check_case_collisions(variable_set, path):
-    for variable in variable_set.variables:
-        seen = {}
-        for folder in variable.folders:
-            other = seen.setdefault(folder.lower(), folder)
-            if other != folder:
-                raise ConfigError(
-                    "variable %r: folders %r and %r differ only in case, and this filesystem "
-                    "ignores case, so two tasks would share a folder; give them distinct "
-                    "nicknames" % (variable.name, other, folder), _display_path(path))
-
-
-def _task_id(folders, location):
-
-    return "/".join(folders) if location == "VARIABLE_SUBFOLDER" else "_".join(folders)
+def _task_path(folders, location):
+    """(task ID, the folder's path components under the output root)."""
+    if location == "VARIABLE_SUBFOLDER":
+        return "/".join(folders), folders
+    task_id = "_".join(folders)
+    return task_id, [task_id]
 
 
 ###############################################################################
@@ -644,6 +638,28 @@ class _Scheduler:
 # Project files and settings ##################################################
 ###############################################################################
 
+def _case_insensitive(directory):
+    """Whether the filesystem holding ``directory`` ignores case (macOS, some mounts)."""
+    probe = os.path.join(directory, ".threadward-Case-Probe-%d" % os.getpid())
+    open(probe, "w").close()
+    try:
+        return os.path.exists(probe.lower())
+    finally:
+        os.unlink(probe)
+
+
+def _check_case_collisions(variable_set, path):
+    for variable in variable_set.variables:
+        seen = {}
+        for folder in variable.folders:
+            other = seen.setdefault(folder.lower(), folder)
+            if other != folder:
+                raise ConfigError(
+                    "variable %r: folders %r and %r differ only in case, and this filesystem "
+                    "ignores case, so two tasks would share a folder; give them distinct "
+                    "nicknames" % (variable.name, other, folder), _display_path(path))
+
+
 def _load_user_module(path, name):
     """Import a project file; any failure is a ConfigError at the user's line."""
     if not os.path.isfile(path):
@@ -680,6 +696,13 @@ def _setting_line(path, name):
     return _display_path(path)
 
 
+def _check_hooks(module, path, names):
+    for name in names:
+        if getattr(module, name, None) is not None and not callable(getattr(module, name)):
+            raise ConfigError("%s is defined but is not a function; define it with `def %s(...)`"
+                              " or remove it" % (name, name), _setting_line(path, name))
+
+
 def _choice_setting(module, path, name, allowed):
     value = getattr(module, name, allowed[0])
     if value not in allowed:
@@ -694,10 +717,9 @@ def _number_setting(module, path, name, default, minimum, integer=False, allow_n
         return None
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
-        raise ConfigError("%s = %r; it must be %s %s >= %s%s"
-                          % (name, value, "a" if integer else "a number",
-                             "whole number" if integer else "", minimum,
-                             " (or None)" if allow_none else ""),
+        raise ConfigError("%s = %r; it must be %s >= %s%s"
+                          % (name, value, "a whole number" if integer else "a number",
+                             minimum, " (or None)" if allow_none else ""),
                           _setting_line(path, name))
     return value
 
@@ -767,10 +789,7 @@ class _Project:
             raise ConfigError("task_method(variables, task_folder, log_file) is not defined; "
                               "it is the one function every project must have",
                               _display_path(path))
-        for hook in MAIN_HOOKS + WORKER_HOOKS + TASK_HOOKS:
-            if getattr(module, hook, None) is not None and not callable(getattr(module, hook)):
-                raise ConfigError("%s is defined but is not a function" % hook,
-                                  _setting_line(path, hook))
+        _check_hooks(module, path, MAIN_HOOKS + WORKER_HOOKS + TASK_HOOKS)
         self.success_condition = _choice_setting(module, path, "SUCCESS_CONDITION",
                                                  SUCCESS_CONDITIONS)
         self.output_mode = _choice_setting(module, path, "OUTPUT_MODE", OUTPUT_MODES)
@@ -786,10 +805,7 @@ class _Project:
         if not callable(getattr(module, "setup_variable_set", None)):
             raise ConfigError("setup_variable_set(variable_set) is not defined; it declares "
                               "the variables to iterate over", _display_path(path))
-        for hook in RESULT_HOOKS:
-            if getattr(module, hook, None) is not None and not callable(getattr(module, hook)):
-                raise ConfigError("%s is defined but is not a function" % hook,
-                                  _setting_line(path, hook))
+        _check_hooks(module, path, RESULT_HOOKS)
         self.failure_handling = _choice_setting(module, path, "FAILURE_HANDLING",
                                                 FAILURE_HANDLINGS)
         self.folder_location = _choice_setting(module, path, "TASK_FOLDER_LOCATION",
@@ -874,11 +890,11 @@ class _Project:
 # GPUs ########################################################################
 ###############################################################################
 
-def _check_gpu_overlap(project, found):
+def _check_gpu_overlap(project, found_note):
     overlap = sorted(set(project.avoid_gpus or ()) & set(project.include_gpus or ()))
     if overlap:
         raise ConfigError("GPUs %s are in both INCLUDE_GPUS and AVOID_GPUS; keep each GPU in "
-                          "one list%s" % (", ".join(overlap), found),
+                          "one list%s" % (", ".join(overlap), found_note),
                           _setting_line(project.constraints_path, "AVOID_GPUS"))
 
 
@@ -979,9 +995,9 @@ class _Slot(collections.namedtuple("_Slot", "host gpus")):
     CUDA_VISIBLE_DEVICES entries.  A replacement worker reuses its slot."""
 
 
-def _worker_argv(worker_id, directory, python=None, report_stats=False):
+def _worker_argv(worker_id, directory, report_stats=False):
     """This very file in worker mode (a vendored copy re-runs itself)."""
-    return [python or sys.executable, os.path.abspath(__file__), WORKER_MODE, directory,
+    return [sys.executable, os.path.abspath(__file__), WORKER_MODE, directory,
             str(worker_id)] + (["--report-stats"] if report_stats else [])
 
 
@@ -1018,7 +1034,9 @@ class _Launcher:
     def __init__(self, project):
         self.project = project
         self.kind = project.launcher if isinstance(project.launcher, str) else "command"
-        self.remote = self.kind != "local"
+        # Anything but "local" puts a launcher between us and the worker: we
+        # read its stderr, and the worker reports its own figures.
+        self.indirect = self.kind != "local"
 
     def check_available(self):
         import shutil
@@ -1062,7 +1080,7 @@ class _Launcher:
     def command(self, worker, directory):
         """(argv, environment) that start ``worker``."""
         gpus = ",".join(worker.gpus)
-        argv = _worker_argv(worker.worker_id, directory, report_stats=self.remote)
+        argv = _worker_argv(worker.worker_id, directory, report_stats=self.indirect)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus, CUDA_DEVICE_ORDER="PCI_BUS_ID")
         if self.kind == "slurm":
             count = self.project.gpus_per_worker
@@ -1176,7 +1194,6 @@ class _Monitor:
             if worker_id not in alive:
                 del self._descendants[worker_id]
 
-
     def start_gpu_query(self, workers):
         """Start nvidia-smi unless one is running; its output arrives later.
         ``workers`` is called then, for the workers alive at that moment."""
@@ -1256,8 +1273,6 @@ class Worker:
         self.pid = None
         self.returncode = None
         self.deadline = None          # (monotonic time, action) for timeouts and kills
-        self.tasks_done = 0
-        self.started = time.monotonic()
         self.stats = {}               # monitoring: current and max figures
         self._buffer = _LineBuffer()
         self._stderr_buffer = _LineBuffer()
@@ -1384,7 +1399,8 @@ class Threadward:
     def run(self):
         """Run the project; returns the exit code (ConfigError before anything runs)."""
         if not os.path.isdir(self.project.directory):
-            raise ConfigError("%s is not a directory" % self.project.directory)
+            raise ConfigError("%s is not a directory; give the project directory (the one "
+                              "holding threadward/)" % self.project.directory)
         # The main-process hooks see what the workers see: the project as the
         # working directory and on sys.path.
         previous = os.getcwd()
@@ -1463,13 +1479,9 @@ class Threadward:
         return where + ", GPUs %s" % ",".join(used)
 
     def _task_of(self, indices):
-        folders = self.project.variable_set.folder_names(indices)
-        task_id = _task_id(folders, self.project.folder_location)
-        if self.project.folder_location == "VARIABLE_SUBFOLDER":
-            folder = os.path.join(self.project.output_dir, *folders)
-        else:
-            folder = os.path.join(self.project.output_dir, task_id)
-        return Task(task_id, indices, folder)
+        task_id, parts = _task_path(self.project.variable_set.folder_names(indices),
+                                    self.project.folder_location)
+        return Task(task_id, indices, os.path.join(self.project.output_dir, *parts))
 
     def _read_succeeded(self):
         path = os.path.join(self.project.queue_dir, "successful_tasks.txt")
@@ -1514,8 +1526,7 @@ class Threadward:
             stream.write("[")
             separator = "\n"
             for indices in variable_set.iter_indices():
-                folders = variable_set.folder_names(indices)
-                task_id = _task_id(folders, location)
+                task_id, parts = _task_path(variable_set.folder_names(indices), location)
                 if check_ids:
                     if task_id in seen_ids:
                         raise ConfigError(
@@ -1530,10 +1541,8 @@ class Threadward:
                         "use shorter nicknames or TASK_FOLDER_LOCATION = \"VARIABLE_SUBFOLDER\""
                         % task_id, _display_path(project.path("variable_iteration.py")))
 
-                folder = "/".join((output_root,) + tuple(folders)) \
-                    if location == "VARIABLE_SUBFOLDER" else output_root + "/" + task_id
                 stream.write('%s{"task_id": %s, "task_folder": %s, "variables": %s}' % (
-                    separator, json.dumps(task_id), json.dumps(folder),
+                    separator, json.dumps(task_id), json.dumps("/".join([output_root] + parts)),
                     variable_set.json_fragment(indices)))
                 separator = ",\n"
                 if task_id in succeeded:
@@ -1673,12 +1682,12 @@ class Threadward:
         try:
             os.makedirs(self.project.worker_log_dir, exist_ok=True)
             worker.start(argv, env, self.project.directory,
-                         capture_stderr=self._launcher.remote)
+                         capture_stderr=self._launcher.indirect)
         except OSError as exc:   # too many open files, a launcher gone since start-up
             worker.fatal = "could not run %s: %s" % (argv[0], exc)
             self._on_start_failure(worker, "it could not be started")
             return None
-        worker.reports_stats = self._launcher.remote
+        worker.reports_stats = self._launcher.indirect
         self._workers[worker.worker_id] = worker
         self._selector.register(worker.fileno(), selectors.EVENT_READ,
                                 lambda: self._on_worker_readable(worker))
@@ -1735,7 +1744,7 @@ class Threadward:
             worker.state = Worker.IDLE
             self._start_failures[worker.slot] = 0
             worker.remote_pid = message.get("pid")
-            worker.host = worker.host or (message.get("host") if self._launcher.remote
+            worker.host = worker.host or (message.get("host") if self._launcher.indirect
                                           else None)
             if not worker.gpus and message.get("gpus"):   # Slurm chose them
                 worker.gpus = tuple(message["gpus"].split(","))
@@ -1747,7 +1756,6 @@ class Threadward:
             task, worker.task = worker.task, None
             worker.state = Worker.IDLE
             worker.deadline = None
-            worker.tasks_done += 1
             self.scheduler.release(worker.worker_id)
             reason = message.get("reason") or ""
             if message.get("status") != 0 and (worker.end_reason or self._interrupting):
@@ -1822,7 +1830,6 @@ class Threadward:
         if replacement is not None:
             self._say("%s; started worker %d in its place" % (reason, replacement.worker_id))
 
-
     def _kill_worker(self, worker):
         worker.signal_group(signal.SIGKILL)
         if worker.process.stdout.closed and worker.poll() is None:
@@ -1861,15 +1868,14 @@ class Threadward:
                 worker.send((SHUT_DOWN + "\n").encode())
                 continue
             task = self._task_of(indices)
-            task.worker_id = worker.worker_id
             task.started = time.monotonic()
             worker.task = task
             worker.state = Worker.BUSY
             if self.project.task_timeout:
                 worker.deadline = (task.started + self.project.task_timeout,
                                    lambda w: self._end_worker(w, "timeout"))
-            if not worker.send(task.message(self.project.variable_set)):
-                worker.state = Worker.BUSY   # its exit will record the task as failed
+            # If the worker is gone, the send fails and its exit records the task.
+            worker.send(task.message(self.project.variable_set))
 
     def _stop_all_workers(self):
         """Last resort on the way out (an exception, or workers still alive)."""
@@ -2168,14 +2174,6 @@ class Threadward:
             return False
 
 
-CONSOLE_HELP = """commands (type one and press Enter):
-  show (s)        progress, and each worker's state, CPU, RAM and GPU memory
-  quit (q)        no new tasks; running tasks finish, then teardown
-  add (a)         start one more worker under the same constraints
-  remove N (r N)  worker N takes no new task and shuts down after its current one
-  help (h)        this list"""
-
-
 ###############################################################################
 # Worker mode (the child side) ################################################
 ###############################################################################
@@ -2211,7 +2209,9 @@ class _WorkerProcess:
         self.worker_log_fd = os.open(self.worker_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
                                      os.O_APPEND, 0o666)
         self._point_output(self.worker_log_fd)
-        self.reader = open(self.channel_in, "rb", buffering=0)
+        # Buffered is safe: the main process never sends a second line before
+        # the answer to the first, so nothing waits in our buffer unseen.
+        self.reader = open(self.channel_in, "rb")
 
     def send(self, message):
         _write_all(self.channel_out, (json.dumps(message) + "\n").encode())
@@ -2669,7 +2669,6 @@ def _own_gpu_memory(pids, helper_pids):
     finally:
         helper_pids.discard(query.pid)
     return sum(used for pid, used, _ in _compute_apps(output) if pid in pids)
-
 
 
 def _worker_main(argv):
