@@ -387,3 +387,35 @@ def setup_variable_set(variable_set):
     assert result.returncode == 0, result.stdout[-2000:]
     assert project.failed() == {}
     assert len(project.successful()) == 3000
+
+
+TEAR_RESULT = r'''
+import os, signal, subprocess, sys
+# Relays the worker's stdout; the result line of task "3" is cut in half,
+# then the worker and this relay die: what the main process sees when a
+# worker is killed while writing its result.
+worker = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE)
+for line in worker.stdout:
+    if b'"op": "result"' in line and b'"id": "3"' in line \
+            and not os.path.exists("tear.done"):   # once: the rerun must complete
+        open("tear.done", "w").close()
+        os.write(1, line[:len(line) // 2])
+        worker.kill()
+        os._exit(9)
+    os.write(1, line)
+sys.exit(worker.wait())
+'''
+
+
+def test_worker_killed_while_writing_its_result_line(project, tmp_path):
+    relay = tmp_path / "tear_result.py"
+    relay.write_text(TEAR_RESULT)
+    project.write(task="def task_method(variables, task_folder, log_file):\n    pass\n",
+                  variables=VARIABLES, resources="NUM_WORKERS = 1\nLAUNCHER = [%r, %r]\n"
+                  % (sys.executable, str(relay)))
+    result = project.run()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert project.failed() == {"3": "worker 0 exited with code 9"}
+    assert "not a protocol message" not in result.stderr   # the torn half is dropped
+    assert sorted(project.successful()) == ["0", "1", "2", "4", "5"]
+    assert_consistent_and_rerun_completes(project)
