@@ -382,4 +382,3 @@ def test_main_process_killed_leaves_no_worker_or_step(project, cluster, launcher
         for stream in (process.stdin, process.stdout, process.stderr):
             stream.close()
     assert project.successful() == []
-
