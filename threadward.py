@@ -75,8 +75,13 @@ import gc
 import importlib.util
 import json
 import os
+import select
 import selectors
+import shlex
+import shutil
 import signal
+import site
+import socket
 import subprocess
 import sys
 import threading
@@ -912,7 +917,6 @@ def _discover_gpus(project):
         raise ConfigError("GPUs were requested but GPUtil could not list them (%s); is "
                           "nvidia-smi working?" % _one_line(exc), where)
     if not gpus:
-        import shutil
         raise ConfigError(
             "GPUs were requested (NUM_GPUS_PER_WORKER) but none were found: %s; set "
             "NUM_GPUS_PER_WORKER = 0 for a CPU sweep" % (
@@ -1039,7 +1043,6 @@ class _Launcher:
         self.indirect = self.kind != "local"
 
     def check_available(self):
-        import shutil
         program = {"slurm": "srun", "ssh": "ssh"}.get(self.kind)
         if self.kind == "command":
             program = self.project.launcher[0]
@@ -1093,7 +1096,6 @@ class _Launcher:
                 del env["CUDA_VISIBLE_DEVICES"]   # Slurm picks the GPUs and sets it
             return step + self.project.slurm_options + argv, env
         if self.kind == "ssh":
-            import shlex
             # ssh passes no environment and starts in $HOME: say everything.
             remote = "cd %s && exec env CUDA_VISIBLE_DEVICES=%s CUDA_DEVICE_ORDER=PCI_BUS_ID %s" % (
                 shlex.quote(directory), shlex.quote(gpus), " ".join(
@@ -2277,7 +2279,6 @@ class _WorkerProcess:
             error = str(exc) if isinstance(exc, ConfigError) else traceback.format_exc()
             self._send_quietly({"op": "fatal", "error": error})
             return 3
-        import socket
         self._send_quietly({"op": "ready", "pid": os.getpid(), "host": socket.gethostname(),
                             "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
         if self.report_stats:
@@ -2605,7 +2606,6 @@ class _Watchdog:
         os.write(self._wake_write, b".")
 
     def _watch(self):
-        import select
         poller = select.poll()
         poller.register(self._wake_read, select.POLLIN)
         watching = False
@@ -2631,7 +2631,6 @@ class _Watchdog:
 
 
 def _readable_now(fd):
-    import select
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
@@ -2684,7 +2683,6 @@ def _worker_main(argv):
 def _template_dir():
     """templates/ beside this file (checkout, vendored copy, editable install),
     or where setup.py installs it (sys.prefix/share/threadward/templates)."""
-    import site
     candidates = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"),
                   os.path.join(sys.prefix, "share", "threadward", "templates")]
     user_base = getattr(site, "USER_BASE", None)
