@@ -508,3 +508,18 @@ def test_random_variable_sets(specs):
             assert same_typed(parsed[spec["name"]]["value"], value)
             assert same_typed(task_values[spec["name"]], value)
             assert isinstance(parsed[spec["name"]]["nickname"], str)
+
+
+def test_folders_differing_only_in_case_are_refused_on_a_case_insensitive_filesystem(tmp_path):
+    """The check run when the output filesystem ignores case (macOS, some
+    mounts); this machine's ext4 does not, so only the check is exercised."""
+    variable_set = threadward.VariableSet()
+    variable_set.add_variable(name="model", values=["GPT2", "gpt2"])
+    with pytest.raises(threadward.ConfigError) as caught:
+        threadward._check_case_collisions(variable_set, "variable_iteration.py")
+    assert "differ only in case" in str(caught.value)
+    assert "'GPT2'" in str(caught.value) and "'gpt2'" in str(caught.value)
+    assert threadward._case_insensitive(str(tmp_path)) is False   # ext4 here
+    fine = threadward.VariableSet()
+    fine.add_variable(name="model", values=["GPT2", "BERT"])
+    threadward._check_case_collisions(fine, "variable_iteration.py")
