@@ -1126,6 +1126,23 @@ def _compute_apps(output):
     return apps
 
 
+def _tree_usage(psutil, pids, known):
+    """(CPU %, RSS bytes) summed over ``pids``.  ``known`` keeps the
+    psutil.Process of each PID between samples: cpu_percent measures since
+    the previous call on the same object."""
+    cpu = rss = 0.0
+    for pid in pids:
+        try:
+            process = known.get(pid)
+            if process is None:
+                process = known[pid] = psutil.Process(pid)
+            cpu += process.cpu_percent(None)
+            rss += process.memory_info().rss
+        except psutil.Error:
+            known.pop(pid, None)
+    return int(round(cpu)), int(rss)
+
+
 def _update_stat(stats, name, value):
 
     stats[name] = value
@@ -1175,19 +1192,10 @@ class _Monitor:
                 pids.append(pid)
                 stack.extend(children.get(pid, ()))
             self._descendants[worker.worker_id] = set(pids)
-            cpu = rss = 0.0
-            for pid in pids:
-                seen.add(pid)
-                try:
-                    process = self._processes.get(pid)
-                    if process is None:
-                        process = self._processes[pid] = psutil.Process(pid)
-                    cpu += process.cpu_percent(None)
-                    rss += process.memory_info().rss
-                except psutil.Error:
-                    self._processes.pop(pid, None)
-            _update_stat(worker.stats, "cpu", int(round(cpu)))
-            _update_stat(worker.stats, "rss", int(rss))
+            seen.update(pids)
+            cpu, rss = _tree_usage(psutil, pids, self._processes)
+            _update_stat(worker.stats, "cpu", cpu)
+            _update_stat(worker.stats, "rss", rss)
         for pid in list(self._processes):
             if pid not in seen:
                 del self._processes[pid]
@@ -1323,7 +1331,7 @@ class Worker:
         try:
             _write_all(self.process.stdin.fileno(), data)
             return True
-        except (BrokenPipeError, OSError):
+        except OSError:   # BrokenPipeError included
             return False
 
     def close_pipes(self):
@@ -2005,7 +2013,7 @@ class Threadward:
         try:
             os.fstat(self._stdin_fd)
             self._selector.register(self._stdin_fd, selectors.EVENT_READ, self._on_console)
-        except (OSError, ValueError, PermissionError):
+        except (OSError, ValueError):
             return   # no usable stdin (closed, or a kind poll refuses): no console
         self._console = _LineBuffer()
 
@@ -2341,18 +2349,11 @@ class _WorkerProcess:
             pids = {os.getpid()}
             if psutil is not None:
                 try:
-                    me = psutil.Process()
-                    tree = [me] + me.children(recursive=True)
-                    pids = {p.pid for p in tree}
-                    cpu = rss = 0
-                    for process in tree:
-                        process = known.setdefault(process.pid, process)
-                        cpu += process.cpu_percent(None)
-                        rss += process.memory_info().rss
-                    stats.update(cpu=int(round(cpu)), rss=int(rss))
-                    known = {pid: known[pid] for pid in pids if pid in known}
+                    pids |= {p.pid for p in psutil.Process().children(recursive=True)}
                 except psutil.Error:
                     pass
+                known = {pid: known[pid] for pid in pids if pid in known}
+                stats["cpu"], stats["rss"] = _tree_usage(psutil, pids, known)
             if os.environ.get("CUDA_VISIBLE_DEVICES"):
                 stats["gpu"] = _own_gpu_memory(pids, self._helper_pids)
             if not self._send_quietly(stats):
@@ -2557,7 +2558,8 @@ def _end_processes(pids):
     left = []
     for pid in pids:
         try:
-            left.extend([psutil.Process(pid)] + psutil.Process(pid).children(recursive=True))
+            process = psutil.Process(pid)
+            left.extend([process] + process.children(recursive=True))
         except psutil.Error:
             pass
     for process in left:
@@ -2791,7 +2793,7 @@ def _pid_alive(pid):
     except (TypeError, ValueError, ProcessLookupError):
         return False
     except PermissionError:
-        return True
+        pass   # alive, but another user's
     return True
 
 

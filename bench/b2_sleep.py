@@ -12,18 +12,6 @@ import common
 WORKERS = 2
 SECONDS = 0.05
 
-TASK = """
-import time
-
-SUCCESS_CONDITION = "NO_ERROR_ONLY"
-
-def task_method(variables, task_folder, log_file):
-    time.sleep(%r)
-"""
-VARIABLES = """
-def setup_variable_set(variable_set):
-    variable_set.add_variable(name="i", values=list(range(%d)))
-"""
 RESOURCES = "NUM_WORKERS = %d\n" % WORKERS
 
 
@@ -41,8 +29,8 @@ def main():
                      1000.0 * (wall - ideal) * WORKERS / count, note])
 
     with common.Scratch("b2") as scratch:
-        directory = common.make_project(scratch.sub("sleep"), TASK % SECONDS,
-                                        VARIABLES % count, RESOURCES)
+        directory = common.make_project(scratch.sub("sleep"), common.SLEEP_TASK % SECONDS,
+                                        common.RANGE_VARIABLES % count, RESOURCES)
         tw = common.run_threadward(directory, expect=count)
         row("threadward", tw, "folder + log per task")
     started = time.perf_counter()

@@ -25,25 +25,12 @@ import common
 WORKERS = 8
 SECONDS = 0.25
 
-TASK = """
-import time
-
-SUCCESS_CONDITION = "NO_ERROR_ONLY"
-
-
-def task_method(variables, task_folder, log_file):
-    time.sleep(%r)
-"""
-VARIABLES = """
-def setup_variable_set(variable_set):
-    variable_set.add_variable(name="i", values=list(range(%d)))
-"""
 RESOURCES = "NUM_WORKERS = %d\nNUM_GPUS_PER_WORKER = %d\n"
 
 
 def run_once(scratch, label, count, gpus, env):
     directory = scratch.sub(label)
-    common.make_project(directory, TASK % SECONDS, VARIABLES % count,
+    common.make_project(directory, common.SLEEP_TASK % SECONDS, common.RANGE_VARIABLES % count,
                         RESOURCES % (WORKERS, gpus))
     log_path = os.path.join(directory, "bench-run.log")
     samples = []

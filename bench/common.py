@@ -61,6 +61,21 @@ def tmpfs_dir():
     return path if os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK) else None
 
 
+SLEEP_TASK = """
+import time
+
+SUCCESS_CONDITION = "NO_ERROR_ONLY"
+
+
+def task_method(variables, task_folder, log_file):
+    time.sleep(%r)
+"""
+RANGE_VARIABLES = """
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="i", values=list(range(%d)))
+"""
+
+
 def make_project(directory, task, variables, resources):
     """Write threadward/{task_specification,variable_iteration,resource_constraints}.py."""
     config = os.path.join(directory, "threadward")
