@@ -46,9 +46,8 @@ Protocol (newline-delimited, on the worker's private copies of fd 0 and 1)::
                        {"op": "stats", "cpu": ..., "rss": ..., "gpu": ...}
                                   (every 2 s, from workers behind a launcher: srun, ssh)
 
-The parent writes to a worker only when it is idle, so while a task runs the
-worker's stdin has nothing to read: if it becomes readable, the parent is
-gone, and a watchdog thread ends the task.
+If the worker's stdin hangs up (the parent, or the srun / ssh between them,
+is gone), a watchdog thread ends the running task and the worker at once.
 
 Everything a task prints, at the Python or the file-descriptor level and from
 child processes, goes to the task's log; nothing it prints or reads can reach
@@ -2536,9 +2535,25 @@ def _child_pids():
         return set()
 
 
+def _has_children():
+    """False only if this process has no child at all: one waitid, where a
+    /proc scan costs ten system calls.  WNOWAIT leaves an exited child for
+    whoever waits for it."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+    except (AttributeError, OSError):   # no waitid here: assume there may be some
+        return True
+
+
 def _end_new_children(before):
     """End processes a task started and left behind (they may hold GPU memory)."""
+    if not before and not _has_children():
+        return   # the common case, checked cheaply
     for _ in range(3):   # orphans of the ended ones come back to us as children
+
         new = _child_pids() - before
         if not new:
             return
@@ -2581,61 +2596,40 @@ class _Terminated(BaseException):
 
 
 class _Watchdog:
-    """Ends the worker mid-task if its stdin closes: the main process (or the
-    srun / ssh between us) is gone, so nobody will ever take the result.
+    """Ends the worker mid-task if its channel hangs up: the main process (or
+    the srun / ssh between us) is gone, so nobody will ever take the result.
 
-    The main process never writes to a busy worker, so while a task runs,
-    stdin becoming readable can only mean its end.  A thread polls it only
-    while armed (between arm() and disarm()); a self-pipe wakes it to re-arm.
+    A thread waits for the hang-up alone (poll reports POLLHUP whatever
+    events are asked for, and even while a line is still unread), so a task
+    costs it nothing: arm() and disarm() only set a flag.  arm() also looks
+    for a hang-up that came while disarmed, so a task read just before the
+    main process died never starts.
     """
 
     def __init__(self, channel_in):
         self._channel = channel_in
-        self._lock = threading.Lock()
         self._armed = False
-        self._wake_read, self._wake_write = os.pipe()
+        self._hung_up = False
         threading.Thread(target=self._watch, daemon=True).start()
 
     def arm(self):
-        self._set(True)
+        self._armed = True
+        if self._hung_up:
+            _end_everything()
 
     def disarm(self):
-        self._set(False)
-
-    def _set(self, armed):
-        with self._lock:
-            self._armed = armed
-        os.write(self._wake_write, b".")
+        self._armed = False
 
     def _watch(self):
         poller = select.poll()
-        poller.register(self._wake_read, select.POLLIN)
-        watching = False
-        while True:
-            for fd, _ in poller.poll():
-                if fd == self._wake_read:
-                    os.read(self._wake_read, 512)
-                    with self._lock:
-                        armed = self._armed
-                    if armed != watching:
-                        if armed:
-                            poller.register(self._channel, select.POLLIN)
-                        else:
-                            poller.unregister(self._channel)
-                        watching = armed
-                    continue
-                # This event may be stale: the next task's line, read since
-                # (and the watchdog re-armed for it).  While armed, nothing
-                # may be waiting, so look again now, under the lock.
-                with self._lock:
-                    if self._armed and _readable_now(self._channel):
-                        _end_everything()
-
-
-def _readable_now(fd):
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
+        poller.register(self._channel, 0)   # POLLHUP, POLLERR and POLLNVAL only
+        while not poller.poll():
+            pass
+        # Each side sets its own flag before reading the other's, so the
+        # hang-up of an armed worker cannot slip between the two.
+        self._hung_up = True
+        if self._armed:
+            _end_everything()
 
 
 def _end_everything():
