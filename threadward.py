@@ -38,13 +38,20 @@ Protocol (newline-delimited, on the worker's private copies of fd 0 and 1)::
 
     parent -> worker   {"op": "task", "id": ..., "folder": ..., "log": ...,
                         "vars": [[name, value, nickname], ...]}
+                       CANCEL      (drop every task sent before it and not yet started)
                        SHUT_DOWN
     worker -> parent   {"op": "ready", "pid": ..., "host": ..., "gpus": CUDA_VISIBLE_DEVICES}
                        {"op": "result", "id": ..., "status": 0|1, "reason": ..., "seconds": ...,
                         "terminated": true if SIGTERM ended it (the worker then exits)}
+                       {"op": "cancelled", "id": ...}         (answers a cancel, per task)
                        {"op": "fatal", "error": ...}          (start-up failed)
                        {"op": "stats", "cpu": ..., "rss": ..., "gpu": ...}
                                   (every 2 s, from workers behind a launcher: srun, ssh)
+
+A worker whose last task was short (under QUEUE_AHEAD_BELOW) is sent its next
+task before it answers the current one, so it never waits for the parent's
+round trip; results still come in order, and a cancel takes back queued tasks
+(quit, `remove`, a worker idle at the end of the sweep) before they start.
 
 If the worker's stdin hangs up (the parent, or the srun / ssh between them,
 is gone), a watchdog thread ends the running task and the worker at once.
@@ -122,6 +129,7 @@ def _import_gputil():
 
 WORKER_MODE = "__threadward_worker__"   # argv[1] that turns main() into a worker
 SHUT_DOWN = "SHUT_DOWN"
+CANCEL = "CANCEL"
 
 SUCCESS_CONDITIONS = ("NO_ERROR_AND_VERIFY", "NO_ERROR_ONLY", "VERIFY_ONLY", "ALWAYS_SUCCESS")
 OUTPUT_MODES = ("LOG_FILE_ONLY", "CONSOLE_ONLY", "LOG_FILE_AND_CONSOLE")
@@ -158,6 +166,10 @@ MAX_START_FAILURES = 3
 START_RETRY_DELAY = 1.0
 # os.read size for worker pipes (what subprocess uses).
 READ_SIZE = 32768
+# A worker whose last task took less than this many seconds gets its next task
+# queued behind the current one: for tasks this short the parent's round trip
+# (a fraction of a millisecond) would otherwise be a visible share of the time.
+QUEUE_AHEAD_BELOW = 0.1
 # Status file and monitoring refresh.
 STATUS_INTERVAL = 2.0
 NVIDIA_SMI_TIMEOUT = 10.0
@@ -244,7 +256,13 @@ def _write_all(fd, data):
         data = data[written:]
 
 
+# JSON without json.dumps's per-call set-up, for protocol lines.
+_json_text = json.JSONEncoder().encode
+_json_decode = json.JSONDecoder().decode
+
+
 def _elide(text, width):
+
     """``text`` cut in the middle to ``width`` (both ends of a task ID matter)."""
     if len(text) <= width:
         return text
@@ -331,8 +349,7 @@ def _safe_component(name):
 
 
 class _Variable:
-    __slots__ = ("name", "values", "nicknames", "folders", "interaction", "rules",
-                 "fragments")
+    __slots__ = ("name", "values", "nicknames", "folders", "interaction", "rules", "texts")
 
     def __init__(self, name, values, nicknames, folders, interaction):
         self.name = name
@@ -341,7 +358,7 @@ class _Variable:
         self.folders = folders      # safe path components
         self.interaction = interaction
         self.rules = []             # exceptions: [(depth, value index, allowed indices)]
-        self.fragments = None       # all_tasks.json text per value, built lazily
+        self.texts = {}             # JSON text per value, built lazily: see _texts
 
 
 class VariableSet:
@@ -480,19 +497,30 @@ class VariableSet:
         return {v.name: v.values[i] for v, i in zip(self.variables, indices)}
 
     def protocol_variables(self, indices):
+        """The "vars" of a task line: [[name, value, nickname], ...]."""
         return [[v.name, v.values[i], v.nicknames[i]] for v, i in zip(self.variables, indices)]
+
+    def protocol_fragment(self, indices):
+        """protocol_variables() as JSON text, from cached pieces."""
+        return "[" + ",".join(self._texts(indices, "[%s,%s,%s]")) + "]"
 
     def json_fragment(self, indices):
         """The "variables" object of one all_tasks.json entry, from cached pieces."""
-        parts = []
+        return "{" + ", ".join(self._texts(indices, '%s: {"value": %s, "nickname": %s}')) + "}"
+
+    def _texts(self, indices, template):
+        """``template`` % (name, value, nickname) as JSON, per variable of a
+        task; each variable's list is made once, on first use."""
+        texts = []
         for variable, index in zip(self.variables, indices):
-            if variable.fragments is None:
-                variable.fragments = [
-                    "%s: {\"value\": %s, \"nickname\": %s}"
-                    % (json.dumps(variable.name), json.dumps(value), json.dumps(nickname))
+            per_value = variable.texts.get(template)
+            if per_value is None:
+                name = json.dumps(variable.name)
+                per_value = variable.texts[template] = [
+                    template % (name, json.dumps(value), json.dumps(nickname))
                     for value, nickname in zip(variable.values, variable.nicknames)]
-            parts.append(variable.fragments[index])
-        return "{" + ", ".join(parts) + "}"
+            texts.append(per_value[index])
+        return texts
 
 
 ###############################################################################
@@ -510,7 +538,7 @@ class Task:
         self.task_id = task_id
         self.indices = indices
         self.folder = folder
-        self.log_file = os.path.join(folder, self.LOG_NAME)
+        self.log_file = folder + os.sep + self.LOG_NAME
         self.started = None
 
     def __repr__(self):
@@ -518,18 +546,14 @@ class Task:
 
     def message(self, variable_set):
         """The protocol line that hands this task to a worker."""
-        return (json.dumps({"op": "task", "id": self.task_id, "folder": self.folder,
-                            "log": self.log_file,
-                            "vars": variable_set.protocol_variables(self.indices)},
-                           separators=(",", ":")) + "\n").encode()
+        return ('{"op":"task","id":%s,"folder":%s,"log":%s,"vars":%s}\n' % (
+            _json_text(self.task_id), _json_text(self.folder), _json_text(self.log_file),
+            variable_set.protocol_fragment(self.indices))).encode()
 
 
-def _task_path(folders, location):
-    """(task ID, the folder's path components under the output root)."""
-    if location == "VARIABLE_SUBFOLDER":
-        return "/".join(folders), folders
-    task_id = "_".join(folders)
-    return task_id, [task_id]
+def _task_id(folders, location):
+    """The ID of a task, which is also its folder's path under the output root."""
+    return ("/" if location == "VARIABLE_SUBFOLDER" else "_").join(folders)
 
 
 ###############################################################################
@@ -567,6 +591,7 @@ class _Scheduler:
         self.depth = depth
         self.root = _Node(depth == 1)
         self._last = {}      # key -> indices of its previous task
+        self._before = {}    # key -> the one before that (see put_back)
         self._reverse = {}   # key -> True while it works from the far end of a shared branch
         self._busy = {}      # key -> nodes on the path of its current task
 
@@ -611,6 +636,7 @@ class _Scheduler:
             member.active += 1
             if not member.remaining and level:
                 del nodes[level - 1].children[path[level - 1]]
+        self._before[key] = last
         self._last[key] = tuple(path)
         self._reverse[key] = reverse
         self._busy[key] = nodes
@@ -632,10 +658,19 @@ class _Scheduler:
         for node in self._busy.pop(key, ()):
             node.active -= 1
 
+    def put_back(self, key, indices):
+        """Worker ``key`` never started the task it was given last: it waits
+        again, and the worker holds what its task before that left it."""
+        self.release(key)
+        self.add(indices)
+        if self._last.get(key) == tuple(indices):
+            self._last[key] = self._before.pop(key, ())
+
     def forget(self, key):
         self.release(key)
-        self._last.pop(key, None)
-        self._reverse.pop(key, None)
+        for table in (self._last, self._before, self._reverse):
+            table.pop(key, None)
+
 
 
 ###############################################################################
@@ -1273,7 +1308,9 @@ class Worker:
         self.reports_stats = False    # True: the worker sends its own figures
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.state = self.STARTING
-        self.task = None
+        self.queue = collections.deque()   # tasks sent and not answered; the first runs
+        self.cancelling = set()       # IDs of queued tasks a CANCEL line is taking back
+        self.last_seconds = None      # how long its last task took (the worker's clock)
         self.retiring = False         # `remove N`: no new task, then SHUT_DOWN
         self.terminated = False       # SIGTERM from outside ended its task
         self.fatal = None             # start-up traceback sent by the worker
@@ -1288,6 +1325,11 @@ class Worker:
 
     def __repr__(self):
         return "Worker(%d, %s, pid=%s)" % (self.worker_id, self.state, self.pid)
+
+    @property
+    def task(self):
+        """The task it is running (the oldest one sent and not answered)."""
+        return self.queue[0] if self.queue else None
 
     def start(self, argv, env, directory, capture_stderr=False):
         """Start the worker (or its launcher) in a process group of its own, so
@@ -1330,8 +1372,9 @@ class Worker:
         try:
             _write_all(self.process.stdin.fileno(), data)
             return True
-        except OSError:   # BrokenPipeError included
+        except (OSError, ValueError):   # a broken pipe, or one we closed at its end
             return False
+
 
     def close_pipes(self):
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
@@ -1488,9 +1531,9 @@ class Threadward:
         return where + ", GPUs %s" % ",".join(used)
 
     def _task_of(self, indices):
-        task_id, parts = _task_path(self.project.variable_set.folder_names(indices),
-                                    self.project.folder_location)
-        return Task(task_id, indices, os.path.join(self.project.output_dir, *parts))
+        task_id = _task_id(self.project.variable_set.folder_names(indices),
+                           self.project.folder_location)
+        return Task(task_id, indices, self.project.output_dir + os.sep + task_id)
 
     def _read_succeeded(self):
         path = os.path.join(self.project.queue_dir, "successful_tasks.txt")
@@ -1535,7 +1578,7 @@ class Threadward:
             stream.write("[")
             separator = "\n"
             for indices in variable_set.iter_indices():
-                task_id, parts = _task_path(variable_set.folder_names(indices), location)
+                task_id = _task_id(variable_set.folder_names(indices), location)
                 if check_ids:
                     if task_id in seen_ids:
                         raise ConfigError(
@@ -1551,7 +1594,7 @@ class Threadward:
                         % task_id, _display_path(project.path("variable_iteration.py")))
 
                 stream.write('%s{"task_id": %s, "task_folder": %s, "variables": %s}' % (
-                    separator, json.dumps(task_id), json.dumps("/".join([output_root] + parts)),
+                    separator, json.dumps(task_id), json.dumps(output_root + "/" + task_id),
                     variable_set.json_fragment(indices)))
                 separator = ",\n"
                 if task_id in succeeded:
@@ -1611,7 +1654,8 @@ class Threadward:
     def _loop(self):
         while self._workers or self._pending_starts:
             self._wait_for_events()
-            self._expire_deadlines()
+            if time.monotonic() >= self._next_deadline:
+                self._expire_deadlines()
             self._reap_workers()
             self._assign_tasks()
             self._report_progress()
@@ -1631,7 +1675,11 @@ class Threadward:
         for deadline in (self._stop_deadline, self._monitor.deadline()):
             if deadline:
                 deadlines.append(deadline)
-        return max(0.0, min(deadlines) - now)
+        # Deadlines set while handling events lie in the future: the next
+        # select sees them, and _expire_deadlines can wait until this one.
+        self._next_deadline = min(deadlines)
+        return max(0.0, self._next_deadline - now)
+
 
     def _expire_deadlines(self):
         now = time.monotonic()
@@ -1740,7 +1788,7 @@ class Threadward:
 
     def _on_worker_line(self, worker, line):
         try:
-            message = json.loads(line)
+            message = _json_decode(line.decode("utf-8"))
             if not isinstance(message, dict):
                 raise ValueError
         except ValueError:
@@ -1761,11 +1809,9 @@ class Threadward:
             for name in ("cpu", "rss", "gpu"):
                 if name in message:
                     _update_stat(worker.stats, name, message[name])
-        elif op == "result" and worker.task is not None:
-            task, worker.task = worker.task, None
-            worker.state = Worker.IDLE
-            worker.deadline = None
-            self.scheduler.release(worker.worker_id)
+        elif op == "result" and worker.queue:
+            task = self._next_in_queue(worker)
+            worker.last_seconds = message.get("seconds")
             reason = message.get("reason") or ""
             if message.get("status") != 0 and (worker.end_reason or self._interrupting):
                 reason = worker.end_reason or "interrupted"   # we ended it, and know why
@@ -1774,8 +1820,11 @@ class Threadward:
                 worker.terminated = True   # by someone else: it is not replaced
             if message.get("terminated"):
                 worker.state = Worker.STOPPING   # it exits after this line: no new task
+                self._put_back_queued(worker, keep_running=False)
             self._record(task, message.get("status") == 0, reason, message.get("seconds"))
-
+        elif op == "cancelled" and worker.queue:
+            task = self._next_in_queue(worker)
+            self.scheduler.put_back(worker.worker_id, task.indices)
         elif op == "fatal":
             worker.fatal = message.get("error") or "unknown error"
 
@@ -1794,8 +1843,9 @@ class Threadward:
         del self._workers[worker.worker_id]
         self.scheduler.forget(worker.worker_id)
         reason = worker.exit_reason()
-        if worker.task is not None:
-            task, worker.task = worker.task, None
+        self._put_back_queued(worker)
+        if worker.queue:
+            task = worker.queue.popleft()
             self._record(task, False, "interrupted" if self._interrupting
                          else worker.end_reason or reason)
             self._show_log_tail(task)
@@ -1867,24 +1917,84 @@ class Threadward:
 
     def _assign_tasks(self):
         for worker in list(self._workers.values()):
+            if worker.state == Worker.BUSY and self._queues_ahead(worker):
+                self._send_task(worker)
             if worker.state != Worker.IDLE:
                 continue
-            indices = None
-            if not self._stopping and not worker.retiring:
-                indices = self.scheduler.assign(worker.worker_id)
-            if indices is None:
-                worker.state = Worker.STOPPING
-                worker.send((SHUT_DOWN + "\n").encode())
-                continue
-            task = self._task_of(indices)
-            task.started = time.monotonic()
-            worker.task = task
-            worker.state = Worker.BUSY
-            if self.project.task_timeout:
-                worker.deadline = (task.started + self.project.task_timeout,
-                                   lambda w: self._end_worker(w, "timeout"))
-            # If the worker is gone, the send fails and its exit records the task.
-            worker.send(task.message(self.project.variable_set))
+            if self._stopping or worker.retiring:
+                self._shut_down(worker)
+            elif not self._send_task(worker) and not self._take_back_queued():
+                self._shut_down(worker)   # nothing left, here or queued elsewhere
+
+    def _queues_ahead(self, worker):
+        return (len(worker.queue) == 1 and not worker.cancelling and not worker.retiring
+                and not worker.process.stdout.closed   # it is gone, not yet reaped
+                and not self._stopping and worker.last_seconds is not None
+                and worker.last_seconds < QUEUE_AHEAD_BELOW)
+
+    def _send_task(self, worker):
+        """Give ``worker`` its next task (queued if it is busy); False if none is left."""
+        indices = self.scheduler.assign(worker.worker_id)
+        if indices is None:
+            return False
+        task = self._task_of(indices)
+        worker.queue.append(task)
+        if len(worker.queue) == 1:
+            self._task_started(worker)
+        # If the worker is gone, the send fails and its exit records the task.
+        worker.send(task.message(self.project.variable_set))
+        return True
+
+    def _task_started(self, worker):
+        """The first task of its queue runs from now (the answer to the one
+        before has just come, or it was idle)."""
+        task = worker.queue[0]
+        task.started = time.monotonic()
+        worker.state = Worker.BUSY
+        worker.deadline = None
+        if self.project.task_timeout:
+            worker.deadline = (task.started + self.project.task_timeout,
+                               lambda w: self._end_worker(w, "timeout"))
+
+    def _next_in_queue(self, worker):
+        """The worker has answered its running task: the next one in its queue
+        starts, or it is idle."""
+        task = worker.queue.popleft()
+        worker.cancelling.discard(task.task_id)
+        if worker.queue:
+            self._task_started(worker)
+        else:
+            worker.state = Worker.IDLE
+            worker.deadline = None
+            self.scheduler.release(worker.worker_id)
+        return task
+
+    def _cancel_queued(self, worker):
+        """Take back the tasks queued behind the running one (a CANCEL line;
+        each comes back "cancelled", or as a result if it had started)."""
+        queued = {task.task_id for task in list(worker.queue)[1:]}
+        if queued and not worker.cancelling:
+            worker.cancelling = queued
+            worker.send((CANCEL + "\n").encode())
+        return bool(queued)
+
+    def _take_back_queued(self):
+        """An idle worker found nothing: tasks queued behind others' running
+        ones come back to the scheduler (True if some may)."""
+        waiting = False
+        for other in self._workers.values():
+            waiting = self._cancel_queued(other) or waiting
+        return waiting
+
+    def _put_back_queued(self, worker, keep_running=True):
+        """Tasks a gone (or going) worker will never start return to the scheduler."""
+        while len(worker.queue) > (1 if keep_running else 0):
+            self.scheduler.put_back(worker.worker_id, worker.queue.pop().indices)
+        worker.cancelling.clear()
+
+    def _shut_down(self, worker):
+        worker.state = Worker.STOPPING
+        worker.send((SHUT_DOWN + "\n").encode())
 
     def _stop_all_workers(self):
         """Last resort on the way out (an exception, or workers still alive)."""
@@ -1895,9 +2005,9 @@ class Threadward:
                 worker.process.wait(KILL_WAIT)
             except subprocess.TimeoutExpired:
                 pass
-            if worker.task is not None:
-                task, worker.task = worker.task, None
-                self._record(task, False, "interrupted")
+            self._put_back_queued(worker)
+            if worker.queue:
+                self._record(worker.queue.popleft(), False, "interrupted")
         self._workers.clear()
 
     # -- results ------------------------------------------------------------
@@ -1947,6 +2057,8 @@ class Threadward:
         if self._stopping:
             return False
         self._stopping = why
+        for worker in self._workers.values():
+            self._cancel_queued(worker)
         return True
 
     def _interrupt_running(self):
@@ -2083,7 +2195,9 @@ class Threadward:
             return
 
         worker.retiring = True
-        self._say("remove: worker %d takes no new task%s" % (
+        self._cancel_queued(worker)
+        self._say(
+"remove: worker %d takes no new task%s" % (
             worker.worker_id, "; it finishes %s first" % worker.task.task_id
             if worker.task else ""))
 
@@ -2218,9 +2332,10 @@ class _WorkerProcess:
         self.worker_log_fd = os.open(self.worker_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
                                      os.O_APPEND, 0o666)
         self._point_output(self.worker_log_fd)
-        # Buffered is safe: the main process never sends a second line before
-        # the answer to the first, so nothing waits in our buffer unseen.
-        self.reader = open(self.channel_in, "rb")
+        self._lines = collections.deque()   # protocol lines read, not yet handled
+        self._buffer = _LineBuffer()
+        self._poller = select.poll()
+        self._poller.register(self.channel_in, select.POLLIN)
 
     def send(self, message):
         _write_all(self.channel_out, (json.dumps(message) + "\n").encode())
@@ -2295,14 +2410,11 @@ class _WorkerProcess:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         while True:
             try:
-                self._sigterm_raises = True
-                line = self.reader.readline()
-                self._sigterm_raises = False
+                message = self._next_task()
             except _Terminated:
                 return 128 + signal.SIGTERM
-            if not line or line.strip() == SHUT_DOWN.encode():
-                break    # end of input: the main process is gone or done with us
-            message = json.loads(line)
+            if message is None:
+                break    # SHUT_DOWN, or end of input: the main process is gone
             started = time.monotonic()
             watchdog.arm()
             try:
@@ -2324,7 +2436,42 @@ class _WorkerProcess:
         self._call_hook("after_each_worker", self.worker_id)
         return 0
 
+    def _next_task(self):
+        """The next task message, or None at SHUT_DOWN or the end of input.
+        A task followed by a cancel line (read before it starts) is answered
+        "cancelled" and skipped: the parent gives it to someone else."""
+        while True:
+            if not self._lines and not self._read_lines(block=True):
+                return None
+            self._read_lines(block=False)   # a cancel may wait behind the next task
+            line = self._lines.popleft().strip()
+            if line == SHUT_DOWN.encode():
+                return None
+            if line == CANCEL.encode():
+                continue   # nothing left to cancel: the task had started
+            message = _json_decode(line.decode("utf-8"))
+            if any(later.strip() == CANCEL.encode() for later in self._lines):
+                self._send_quietly({"op": "cancelled", "id": message["id"]})
+                continue
+            return message
+
+    def _read_lines(self, block):
+        """Add what the channel holds to self._lines; False at its end."""
+        if not block and not self._poller.poll(0):
+            return True
+        if block and self._sigterm_pending:
+            raise _Terminated()   # it came while we sent a line
+
+        self._sigterm_raises = block   # waiting for work: SIGTERM ends the worker
+        try:
+            data = os.read(self.channel_in, READ_SIZE)
+        finally:
+            self._sigterm_raises = False
+        self._lines.extend(self._buffer.feed(data))
+        return bool(data)
+
     def _on_sigterm(self, signum, frame):
+
         if self._sigterm_raises:
             raise _Terminated()
         self._sigterm_pending = True
