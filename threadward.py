@@ -170,6 +170,9 @@ READ_SIZE = 32768
 # queued behind the current one: for tasks this short the parent's round trip
 # (a fraction of a millisecond) would otherwise be a visible share of the time.
 QUEUE_AHEAD_BELOW = 0.1
+# How often a worker busy with a task looks for a CANCEL of the task queued
+# behind it (a thread's timed wait; between tasks it looks at once).
+CANCEL_CHECK_INTERVAL = 1.0
 # Status file and monitoring refresh.
 STATUS_INTERVAL = 2.0
 NVIDIA_SMI_TIMEOUT = 10.0
@@ -1822,9 +1825,8 @@ class Threadward:
                 worker.state = Worker.STOPPING   # it exits after this line: no new task
                 self._put_back_queued(worker, keep_running=False)
             self._record(task, message.get("status") == 0, reason, message.get("seconds"))
-        elif op == "cancelled" and worker.queue:
-            task = self._next_in_queue(worker)
-            self.scheduler.put_back(worker.worker_id, task.indices)
+        elif op == "cancelled":
+            self._on_cancelled(worker, message.get("id"))
         elif op == "fatal":
             worker.fatal = message.get("error") or "unknown error"
 
@@ -1968,6 +1970,21 @@ class Threadward:
             worker.deadline = None
             self.scheduler.release(worker.worker_id)
         return task
+
+    def _on_cancelled(self, worker, task_id):
+        """A queued task the worker gave back unstarted (it may come before
+        the result of the task running ahead of it)."""
+        for position, task in enumerate(worker.queue):
+            if task.task_id == task_id:
+                break
+        else:
+            return
+        if position == 0:
+            self._next_in_queue(worker)
+        else:
+            del worker.queue[position]
+            worker.cancelling.discard(task_id)
+        self.scheduler.put_back(worker.worker_id, task.indices)
 
     def _cancel_queued(self, worker):
         """Take back the tasks queued behind the running one (a CANCEL line;
@@ -2333,6 +2350,7 @@ class _WorkerProcess:
                                      os.O_APPEND, 0o666)
         self._point_output(self.worker_log_fd)
         self._lines = collections.deque()   # protocol lines read, not yet handled
+        self._lines_lock = threading.Lock()  # the watchdog thread takes CANCELs too
         self._buffer = _LineBuffer()
         self._poller = select.poll()
         self._poller.register(self.channel_in, select.POLLIN)
@@ -2386,7 +2404,7 @@ class _WorkerProcess:
             os.setpgrp()   # a task's processes share our group: one killpg ends them all
         except OSError:
             pass           # already a session leader (local workers are)
-        watchdog = _Watchdog(self.channel_in)
+        watchdog = _Watchdog(self.channel_in, self.take_cancels)
         try:
             os.chdir(self.project.directory)
             sys.path.insert(0, self.project.directory)
@@ -2438,22 +2456,44 @@ class _WorkerProcess:
 
     def _next_task(self):
         """The next task message, or None at SHUT_DOWN or the end of input.
-        A task followed by a cancel line (read before it starts) is answered
-        "cancelled" and skipped: the parent gives it to someone else."""
-        while True:
-            if not self._lines and not self._read_lines(block=True):
-                return None
-            self._read_lines(block=False)   # a cancel may wait behind the next task
-            line = self._lines.popleft().strip()
-            if line == SHUT_DOWN.encode():
-                return None
-            if line == CANCEL.encode():
-                continue   # nothing left to cancel: the task had started
-            message = _json_decode(line.decode("utf-8"))
-            if any(later.strip() == CANCEL.encode() for later in self._lines):
-                self._send_quietly({"op": "cancelled", "id": message["id"]})
-                continue
-            return message
+        Tasks a CANCEL line follows are answered "cancelled" and skipped."""
+        with self._lines_lock:
+            while True:
+                if not self._lines and not self._read_lines(block=True):
+                    return None
+                self._read_lines(block=False)   # a CANCEL may wait behind the next task
+                self._apply_cancels()
+                if not self._lines:
+                    continue
+                line = self._lines.popleft().strip()
+                if line == SHUT_DOWN.encode():
+                    return None
+                return _json_decode(line.decode("utf-8"))
+
+    def take_cancels(self):
+        """(The watchdog thread, while a task runs.)  Answer a CANCEL behind
+        the running task now, so the tasks it takes back can go to an idle
+        worker instead of waiting for this one."""
+        if not self._lines_lock.acquire(blocking=False):
+            return   # the main thread is between tasks: it reads the lines itself
+        try:
+            self._read_lines(block=False)
+            self._apply_cancels()
+        finally:
+            self._lines_lock.release()
+
+    def _apply_cancels(self):
+        """Every task line before the last CANCEL goes back ("cancelled")."""
+        cancel = CANCEL.encode()
+        lines = [line.strip() for line in self._lines]
+        if cancel not in lines:
+            return
+        last = len(lines) - 1 - lines[::-1].index(cancel)
+        for line in lines[:last]:
+            if line.startswith(b"{"):
+                self._send_quietly({"op": "cancelled",
+                                    "id": _json_decode(line.decode("utf-8"))["id"]})
+        self._lines = collections.deque(lines[last + 1:])
 
     def _read_lines(self, block):
         """Add what the channel holds to self._lines; False at its end."""
@@ -2461,12 +2501,13 @@ class _WorkerProcess:
             return True
         if block and self._sigterm_pending:
             raise _Terminated()   # it came while we sent a line
-
-        self._sigterm_raises = block   # waiting for work: SIGTERM ends the worker
+        if block:
+            self._sigterm_raises = True   # waiting for work: SIGTERM ends the worker
         try:
             data = os.read(self.channel_in, READ_SIZE)
         finally:
-            self._sigterm_raises = False
+            if block:
+                self._sigterm_raises = False
         self._lines.extend(self._buffer.feed(data))
         return bool(data)
 
@@ -2743,18 +2784,24 @@ class _Terminated(BaseException):
 
 
 class _Watchdog:
-    """Ends the worker mid-task if its channel hangs up: the main process (or
-    the srun / ssh between us) is gone, so nobody will ever take the result.
+    """Watches the protocol channel while a task runs.
 
-    A thread waits for the hang-up alone (poll reports POLLHUP whatever
-    events are asked for, and even while a line is still unread), so a task
-    costs it nothing: arm() and disarm() only set a flag.  arm() also looks
-    for a hang-up that came while disarmed, so a task read just before the
-    main process died never starts.
+    If the channel hangs up (the main process, or the srun / ssh between us,
+    is gone), nobody will take the result: it ends the task and the worker
+    at once.  poll() reports POLLHUP whatever events are asked for, even with
+    a line still unread, so arm() and disarm() only set a flag and a short
+    task costs this thread nothing.  arm() also looks for a hang-up that came
+    while disarmed, so a task read just before the main process died never
+    starts.
+
+    Every CANCEL_CHECK_INTERVAL s of a running task it also answers a CANCEL
+    that waits behind it: a task queued behind a long one goes back to the
+    main process at once, not when the long one ends.
     """
 
-    def __init__(self, channel_in):
+    def __init__(self, channel_in, take_cancels):
         self._channel = channel_in
+        self._take_cancels = take_cancels
         self._armed = False
         self._hung_up = False
         threading.Thread(target=self._watch, daemon=True).start()
@@ -2770,8 +2817,9 @@ class _Watchdog:
     def _watch(self):
         poller = select.poll()
         poller.register(self._channel, 0)   # POLLHUP, POLLERR and POLLNVAL only
-        while not poller.poll():
-            pass
+        while not poller.poll(CANCEL_CHECK_INTERVAL * 1000):
+            if self._armed:
+                self._take_cancels()
         # Each side sets its own flag before reading the other's, so the
         # hang-up of an armed worker cannot slip between the two.
         self._hung_up = True

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 
 import psutil
@@ -293,6 +294,72 @@ def test_quit_lets_the_running_task_finish_and_starts_no_other(project, gated):
     open_gate(project)
     assert_stopped_after_the_running_task(project, console, running)
     assert state(project, "task_%d_finished" % running[0]) is not None
+
+
+# -- tasks queued ahead (short tasks) -------------------------------------------
+
+RELAY = r"""
+import subprocess, sys, threading
+# A launcher that passes the protocol through both ways, logging each line
+# ("> " from the main process, "< " from the worker) in the order it passed.
+log = open(sys.argv[1], "ab", buffering=0)
+lock = threading.Lock()
+worker = subprocess.Popen(sys.argv[2:], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+def pump(source, sink, tag):
+    for line in iter(source.readline, b""):
+        with lock:
+            log.write(tag + line)
+        sink.write(line)
+        sink.flush()
+    sink.close()
+
+threading.Thread(target=pump, args=(sys.stdin.buffer, worker.stdin, b"> "), daemon=True).start()
+pump(worker.stdout, sys.stdout.buffer, b"< ")
+sys.exit(worker.wait())
+"""
+
+
+def relayed(tmp_path):
+    """Resources for one worker behind RELAY, and the protocol log's path."""
+    relay, log = tmp_path / "relay.py", tmp_path / "protocol.log"
+    relay.write_text(RELAY)
+    log.write_bytes(b"")
+    return ("NUM_WORKERS = 1\nLAUNCHER = [%r, %r, %r]\n"
+            % (sys.executable, str(relay), str(log))), log
+
+
+def test_quit_takes_back_the_task_queued_behind_the_running_one(project, gated, tmp_path):
+    """After short tasks the next task is sent before the running one ends;
+    `quit` takes it back (the worker answers while its task still runs)."""
+    resources, log = relayed(tmp_path)
+    for x in (1, 2, 3):
+        open_gate(project, x)   # three short tasks, then task 4 waits
+    console = gated(resources, tasks=6)
+    wait_started(project, 4)
+    wait_for(lambda: b'> {"op":"task","id":"5"' in log.read_bytes())
+    assert b'"op": "result", "id": "4"' not in log.read_bytes()   # queued, not answered
+    console.send("quit")
+    console.expect(r"(?i)quit")
+    wait_for(lambda: b'< {"op": "cancelled", "id": "5"}' in log.read_bytes())
+    open_gate(project, 4)
+    assert console.finish() == 1, console.transcript()
+    assert project.successful() == ["1", "2", "3", "4"]
+    assert sorted(started_tasks(project)) == [1, 2, 3, 4]
+    assert "2 not run" in console.transcript()
+
+
+def test_an_idle_worker_takes_over_a_task_queued_behind_a_long_one(project, gated):
+    """At the end of the sweep nothing waits behind a long task while a worker is idle."""
+    for x in range(1, 11):
+        if x != 4:
+            open_gate(project, x)
+    console = gated("NUM_WORKERS = 2\n", tasks=10)
+    wait_for(lambda: len(project.successful()) == 9, timeout=60)
+    assert state(project, "task_4_finished") is None
+    open_gate(project, 4)
+    assert console.finish() == 0, console.transcript()
+    assert sorted(project.successful(), key=int) == [str(x) for x in range(1, 11)]
 
 
 def test_sigterm_behaves_like_quit(project, gated):

@@ -268,6 +268,7 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
     remaining = set(tasks)
     busy = {}             # worker key -> its current task
     last = {}             # worker key -> its previous task (for live workers)
+    before = {}           # worker key -> the task before that
     handed = []
     next_key = itertools.count()
 
@@ -293,6 +294,7 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
             # a worker leaving (or without) a top-level value goes where no one is
             assert task[0] in idle_tops, (task, idle_tops)
         busy[key] = task
+        before[key] = last.get(key)
         last[key] = task
         assert len(scheduler) == len(remaining)
 
@@ -300,8 +302,18 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
         give(next(next_key))
     while busy:
         key = data.draw(st.sampled_from(sorted(busy)))
-        del busy[key]
-        if data.draw(st.integers(0, 9)) == 0:
+        task = busy.pop(key)
+        fate = data.draw(st.integers(0, 9))
+        if fate == 9:
+            # a queued task comes back unstarted: it is handed out again later,
+            # and its worker holds what the task before it left
+            scheduler.put_back(key, task)
+            remaining.add(task)
+            handed.remove(task)
+            last[key] = before[key]
+            if last[key] is None:
+                del last[key]
+        elif fate == 8:
             # the worker dies; a replacement with a new key takes its slot
             scheduler.forget(key)
             del last[key]
