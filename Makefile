@@ -13,7 +13,7 @@ DEMO_DIR ?= $(VENV)/demo
 $(BIN)/threadward: setup.py threadward.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e . --config-settings editable_mode=strict
 	touch $@
 
 $(VENV)/.test-deps: $(BIN)/threadward

@@ -1442,6 +1442,7 @@ class Threadward:
         self._wakeup = None
         self._old_signals = {}
         self._result_fds = {}
+        self._unwritten = {}          # result file name -> lines not yet written
         self.succeeded = self.failed = self.skipped = 0
         self.total = 0
         self._durations_sum = 0.0
@@ -1500,8 +1501,8 @@ class Threadward:
                 if len(self.scheduler):
                     self._stop("no worker left to run the remaining tasks")
             finally:
-
                 self._stop_all_workers()
+                self._write_results()
                 if not self._call_main_hook("after_all_tasks"):
                     self._hook_failed = True
         finally:
@@ -1662,6 +1663,8 @@ class Threadward:
             self._reap_workers()
             self._assign_tasks()
             self._report_progress()
+            self._write_results()
+
 
     def _wait_for_events(self):
         for key, _ in self._selector.select(self._next_timeout()):
@@ -1918,15 +1921,17 @@ class Threadward:
     # -- handing out tasks --------------------------------------------------
 
     def _assign_tasks(self):
-        for worker in list(self._workers.values()):
-            if worker.state == Worker.BUSY and self._queues_ahead(worker):
-                self._send_task(worker)
+        workers = list(self._workers.values())
+        for worker in workers:   # idle workers first: they wait, busy ones do not
             if worker.state != Worker.IDLE:
                 continue
             if self._stopping or worker.retiring:
                 self._shut_down(worker)
             elif not self._send_task(worker) and not self._take_back_queued():
                 self._shut_down(worker)   # nothing left, here or queued elsewhere
+        for worker in workers:
+            if worker.state == Worker.BUSY and self._queues_ahead(worker):
+                self._send_task(worker)
 
     def _queues_ahead(self, worker):
         return (len(worker.queue) == 1 and not worker.cancelling and not worker.retiring
@@ -1985,6 +1990,8 @@ class Threadward:
             del worker.queue[position]
             worker.cancelling.discard(task_id)
         self.scheduler.put_back(worker.worker_id, task.indices)
+        worker.last_seconds = None   # not queued here again before its next result
+
 
     def _cancel_queued(self, worker):
         """Take back the tasks queued behind the running one (a CANCEL line;
@@ -2059,13 +2066,20 @@ class Threadward:
                 self._say("%s raised (the run goes on):\n%s" % (hook, traceback.format_exc()))
 
     def _append(self, name, line):
-        # One write per line on an O_APPEND file: a crash leaves whole lines only.
-        try:
-            _write_all(self._result_fds[name], (line + "\n").encode("utf-8"))
-        except OSError as exc:
-            self._say("cannot record %r in %s (%s); stopping: free space or fix permissions, "
-                      "then run again" % (line, name, exc))
-            self._stop("results cannot be written")
+        self._unwritten.setdefault(name, []).append(line)
+
+    def _write_results(self):
+        """Append the lines recorded since the last select to their files:
+        whole lines, in one write per file (O_APPEND), so a crash leaves no
+        half line, and a task whose line is lost is only run again."""
+        unwritten, self._unwritten = self._unwritten, {}
+        for name, lines in unwritten.items():
+            try:
+                _write_all(self._result_fds[name], ("\n".join(lines) + "\n").encode("utf-8"))
+            except OSError as exc:
+                self._say("cannot record %s in %s (%s); stopping: free space or fix "
+                          "permissions, then run again" % (", ".join(lines), name, exc))
+                self._stop("results cannot be written")
 
     # -- stopping -----------------------------------------------------------
 

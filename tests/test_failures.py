@@ -419,3 +419,33 @@ def test_worker_killed_while_writing_its_result_line(project, tmp_path):
     assert "not a protocol message" not in result.stderr   # the torn half is dropped
     assert sorted(project.successful()) == ["0", "1", "2", "4", "5"]
     assert_consistent_and_rerun_completes(project)
+
+
+def test_a_result_file_that_cannot_grow_stops_the_run_and_loses_nothing(project):
+    """As on a full disk: the result line cannot be written (here RLIMIT_FSIZE
+    makes the write fail with EFBIG); the run says why and stops, the file
+    keeps whole lines only, and a rerun with room runs the tasks again."""
+    limit = 1 << 16
+    junk = b"".join(b"old-%06d\n" % i for i in range(limit // 11 + 1))[:limit - 1] + b"\n"
+    with open(os.path.join(project.queue, "successful_tasks.txt"), "wb") as stream:
+        stream.write(junk)   # IDs of no current task; the file is at the limit
+
+    def no_room():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # write() fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    project.write(task="def task_method(variables, task_folder, log_file):\n    pass\n",
+                  variables=VARIABLES, resources="NUM_WORKERS = 2\n")
+    result = subprocess.run(project.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120,
+                            env=project.env(), preexec_fn=no_room)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cannot record" in result.stdout and "File too large" in result.stdout
+    assert "stopped (results cannot be written)" in result.stdout
+    with open(os.path.join(project.queue, "successful_tasks.txt"), "rb") as stream:
+        assert stream.read() == junk
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(project.successful()) == sorted(
+        junk.decode().split() + TASKS)
