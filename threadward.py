@@ -1036,10 +1036,20 @@ class _Slot(collections.namedtuple("_Slot", "host gpus")):
     CUDA_VISIBLE_DEVICES entries.  A replacement worker reuses its slot."""
 
 
+# Loads this file as the module `threadward` (an import, unlike running it as
+# a script, uses the cached bytecode: a worker starts ~40 ms sooner) and calls
+# main(); its directory comes first on sys.path, as for a script.
+_WORKER_BOOT = (
+    "import sys, importlib.util as u; sys.path[0] = sys.argv[1].rpartition('/')[0]; "
+    "s = u.spec_from_file_location('threadward', sys.argv[1]); m = u.module_from_spec(s); "
+    "sys.modules['threadward'] = m; s.loader.exec_module(m); sys.exit(m.main(sys.argv[2:]))")
+
+
 def _worker_argv(worker_id, directory, report_stats=False):
-    """This very file in worker mode (a vendored copy re-runs itself)."""
-    return [sys.executable, os.path.abspath(__file__), WORKER_MODE, directory,
-            str(worker_id)] + (["--report-stats"] if report_stats else [])
+    """This very file in worker mode (a vendored copy loads itself)."""
+    return [sys.executable, "-c", _WORKER_BOOT, os.path.abspath(__file__), WORKER_MODE,
+            directory, str(worker_id)] + (["--report-stats"] if report_stats else [])
+
 
 
 def _ssh_gpus(project, host):
