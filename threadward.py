@@ -29,7 +29,7 @@ Data flow (one thread in the main process; nothing blocks but the select)::
 * The main process loads the three project files, expands the variables,
   writes ``task_queue/all_tasks.json``, runs ``before_all_tasks`` and
   ``after_all_tasks``, owns the scheduler, the console and the result files.
-* A worker is ``sys.executable`` re-running this file in worker mode, in its
+* A worker is ``sys.executable`` loading this file in worker mode, in its
   own process group, with ``CUDA_VISIBLE_DEVICES`` set to its GPUs.  It runs
   the worker and task hooks, converts variable values (keeping them while they
   stay the same) and sends one result line per task.
@@ -265,7 +265,6 @@ _json_decode = json.JSONDecoder().decode
 
 
 def _elide(text, width):
-
     """``text`` cut in the middle to ``width`` (both ends of a task ID matter)."""
     if len(text) <= width:
         return text
@@ -278,7 +277,6 @@ def _plural(count, noun):
 
 
 def _format_duration(seconds):
-
     if seconds is None:
         return "?"
     seconds = int(round(seconds))
@@ -579,7 +577,6 @@ def _work_per_worker(node):
 
 
 class _Scheduler:
-
     """The remaining tasks as a prefix tree with counts; no processes in it.
 
     ``assign(key)`` gives the worker ``key`` the remaining task that keeps the
@@ -673,7 +670,6 @@ class _Scheduler:
         self.release(key)
         for table in (self._last, self._before, self._reverse):
             table.pop(key, None)
-
 
 
 ###############################################################################
@@ -1051,7 +1047,6 @@ def _worker_argv(worker_id, directory, report_stats=False):
             directory, str(worker_id)] + (["--report-stats"] if report_stats else [])
 
 
-
 def _ssh_gpus(project, host):
     """[(index, uuid)] of a remote host's GPUs, asked over ssh at start-up."""
     command = ["ssh"] + SSH_DEFAULTS + project.ssh_options + [
@@ -1191,7 +1186,6 @@ def _tree_usage(psutil, pids, known):
 
 
 def _update_stat(stats, name, value):
-
     stats[name] = value
     if value is not None:
         stats[name + "_max"] = max(value, stats.get(name + "_max") or 0)
@@ -1387,7 +1381,6 @@ class Worker:
             return True
         except (OSError, ValueError):   # a broken pipe, or one we closed at its end
             return False
-
 
     def close_pipes(self):
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
@@ -1675,7 +1668,6 @@ class Threadward:
             self._report_progress()
             self._write_results()
 
-
     def _wait_for_events(self):
         for key, _ in self._selector.select(self._next_timeout()):
             key.data()
@@ -1695,7 +1687,6 @@ class Threadward:
         # select sees them, and _expire_deadlines can wait until this one.
         self._next_deadline = min(deadlines)
         return max(0.0, self._next_deadline - now)
-
 
     def _expire_deadlines(self):
         now = time.monotonic()
@@ -2002,7 +1993,6 @@ class Threadward:
         self.scheduler.put_back(worker.worker_id, task.indices)
         worker.last_seconds = None   # not queued here again before its next result
 
-
     def _cancel_queued(self, worker):
         """Take back the tasks queued behind the running one (a CANCEL line;
         each comes back "cancelled", or as a result if it had started)."""
@@ -2237,8 +2227,7 @@ class Threadward:
 
         worker.retiring = True
         self._cancel_queued(worker)
-        self._say(
-"remove: worker %d takes no new task%s" % (
+        self._say("remove: worker %d takes no new task%s" % (
             worker.worker_id, "; it finishes %s first" % worker.task.task_id
             if worker.task else ""))
 
@@ -2536,7 +2525,6 @@ class _WorkerProcess:
         return bool(data)
 
     def _on_sigterm(self, signum, frame):
-
         if self._sigterm_raises:
             raise _Terminated()
         self._sigterm_pending = True
@@ -2713,7 +2701,6 @@ def _make_folder(folder):
 
 
 def _become_subreaper():
-
     """Linux: orphaned descendants of a task are re-parented to the worker, so
     a double-forked background process is still found (and ended) at task end."""
     try:
@@ -2852,7 +2839,6 @@ class _Watchdog:
 
 
 def _end_everything():
-
     """Kill this worker and every process of its task, now."""
     if os.getpgrp() == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)
