@@ -44,6 +44,8 @@ Protocol (newline-delimited, on the worker's private copies of fd 0 and 1)::
                        {"op": "result", "id": ..., "status": 0|1, "reason": ..., "seconds": ...,
                         "terminated": true if SIGTERM ended it (the worker then exits)}
                        {"op": "cancelled", "id": ...}         (answers a cancel, per task)
+                       {"op": "terminated"}   (SIGTERM came between tasks: it exits now)
+
                        {"op": "fatal", "error": ...}          (start-up failed)
                        {"op": "stats", "cpu": ..., "rss": ..., "gpu": ...}
                                   (every 2 s, from workers behind a launcher: srun, ssh)
@@ -1320,6 +1322,7 @@ class Worker:
         self.last_seconds = None      # how long its last task took (the worker's clock)
         self.retiring = False         # `remove N`: no new task, then SHUT_DOWN
         self.terminated = False       # SIGTERM from outside ended its task
+        self.timed_out = None         # the task TASK_TIMEOUT ended it for
         self.fatal = None             # start-up traceback sent by the worker
         self.end_reason = None        # why threadward ended it ("timeout"), if it did
         self.process = None
@@ -1819,18 +1822,28 @@ class Threadward:
         elif op == "result" and worker.queue:
             task = self._next_in_queue(worker)
             worker.last_seconds = message.get("seconds")
-            reason = message.get("reason") or ""
-            if message.get("status") != 0 and (worker.end_reason or self._interrupting):
-                reason = worker.end_reason or "interrupted"   # we ended it, and know why
-            elif message.get("terminated"):
-                reason = "interrupted"
-                worker.terminated = True   # by someone else: it is not replaced
+            success, reason = message.get("status") == 0, message.get("reason") or ""
+            ours = worker.end_reason or self._interrupting   # the SIGTERM came from us
             if message.get("terminated"):
                 worker.state = Worker.STOPPING   # it exits after this line: no new task
                 self._put_back_queued(worker, keep_running=False)
-            self._record(task, message.get("status") == 0, reason, message.get("seconds"))
+                worker.terminated = not ours   # from someone else: it is not replaced
+            if not success and ours:
+                if worker.timed_out not in (None, task):
+                    # The task that timed out ended just before our SIGTERM,
+                    # which reached the next one: that one is run again.
+                    self.scheduler.add(task.indices)
+                    return
+                reason = worker.end_reason or "interrupted"   # we ended it, and know why
+            elif not success and message.get("terminated"):
+                reason = "interrupted"
+            self._record(task, success, reason, message.get("seconds"))
         elif op == "cancelled":
             self._on_cancelled(worker, message.get("id"))
+        elif op == "terminated":   # a SIGTERM between tasks: it exits, starting nothing
+            worker.state = Worker.STOPPING
+            worker.terminated = not (worker.end_reason or self._interrupting)
+            self._put_back_queued(worker, keep_running=False)
         elif op == "fatal":
             worker.fatal = message.get("error") or "unknown error"
 
@@ -1962,7 +1975,16 @@ class Threadward:
         worker.deadline = None
         if self.project.task_timeout:
             worker.deadline = (task.started + self.project.task_timeout,
-                               lambda w: self._end_worker(w, "timeout"))
+                               lambda w, task=task: self._on_timeout(w, task))
+
+    def _on_timeout(self, worker, task):
+        # Its answer may be waiting unread: if the task has ended after all,
+        # the SIGTERM would only hit the next one.
+        if not worker.process.stdout.closed and select.select([worker.fileno()], [], [], 0)[0]:
+            self._on_worker_readable(worker)
+        if worker.task is task:
+            worker.timed_out = task
+            self._end_worker(worker, "timeout")
 
     def _next_in_queue(self, worker):
         """The worker has answered its running task: the next one in its queue
@@ -1993,14 +2015,17 @@ class Threadward:
         self.scheduler.put_back(worker.worker_id, task.indices)
         worker.last_seconds = None   # not queued here again before its next result
 
-    def _cancel_queued(self, worker):
-        """Take back the tasks queued behind the running one (a CANCEL line;
-        each comes back "cancelled", or as a result if it had started)."""
-        queued = {task.task_id for task in list(worker.queue)[1:]}
-        if queued and not worker.cancelling:
-            worker.cancelling = queued
+    def _cancel_queued(self, worker, with_running=False):
+        """Take back what the worker has not started: the tasks queued behind
+        the running one and, ``with_running``, that one too (its result may
+        have just come, and the worker not yet started the next).  A CANCEL
+        line: each comes back "cancelled", or as a result if it had started.
+        True while some answer is due."""
+        wanted = {task.task_id for task in list(worker.queue)[0 if with_running else 1:]}
+        if wanted - worker.cancelling:
+            worker.cancelling |= wanted
             worker.send((CANCEL + "\n").encode())
-        return bool(queued)
+        return bool(worker.cancelling)
 
     def _take_back_queued(self):
         """An idle worker found nothing: tasks queued behind others' running
@@ -2058,6 +2083,7 @@ class Threadward:
         hook = "on_task_success" if success else "on_task_failure"
         function = getattr(self.project.variable_module, hook, None)
         if function is not None:
+            self._write_results()   # the line is on disk before the hook sees the task
             arguments = [self.project.variable_set.variables_of(task.indices), task.folder,
                          task.log_file] + ([] if success else [reason])
             try:
@@ -2089,7 +2115,7 @@ class Threadward:
             return False
         self._stopping = why
         for worker in self._workers.values():
-            self._cancel_queued(worker)
+            self._cancel_queued(worker, with_running=True)
         return True
 
     def _interrupt_running(self):
@@ -2226,7 +2252,8 @@ class Threadward:
             return
 
         worker.retiring = True
-        self._cancel_queued(worker)
+        self._cancel_queued(worker, with_running=True)
+
         self._say("remove: worker %d takes no new task%s" % (
             worker.worker_id, "; it finishes %s first" % worker.task.task_id
             if worker.task else ""))
@@ -2462,26 +2489,35 @@ class _WorkerProcess:
             watchdog.disarm()
             if not self._send_quietly(result):
                 return 0  # the main process is gone: never record anything
-            if self._sigterm_pending:
-                return 128 + signal.SIGTERM
         self._call_hook("after_each_worker", self.worker_id)
         return 0
 
     def _next_task(self):
         """The next task message, or None at SHUT_DOWN or the end of input.
-        Tasks a CANCEL line follows are answered "cancelled" and skipped."""
+        Tasks a CANCEL line follows are answered "cancelled" and skipped.
+        A SIGTERM here raises _Terminated, after every task read and not
+        started went back and the parent heard that nothing more starts."""
         with self._lines_lock:
-            while True:
-                if not self._lines and not self._read_lines(block=True):
-                    return None
-                self._read_lines(block=False)   # a CANCEL may wait behind the next task
-                self._apply_cancels()
-                if not self._lines:
-                    continue
-                line = self._lines.popleft().strip()
-                if line == SHUT_DOWN.encode():
-                    return None
-                return _json_decode(line.decode("utf-8"))
+            try:
+                while True:
+                    if self._sigterm_pending:
+                        raise _Terminated()
+                    if not self._lines and not self._read_lines(block=True):
+                        return None
+                    self._read_lines(block=False)   # a CANCEL may wait behind the next task
+                    self._apply_cancels()
+                    if not self._lines:
+                        continue
+                    line = self._lines.popleft().strip()
+                    if line == SHUT_DOWN.encode():
+                        return None
+                    return _json_decode(line.decode("utf-8"))
+            except _Terminated:
+                self._read_lines(block=False)
+                self._give_back(self._lines)
+                self._lines.clear()
+                self._send_quietly({"op": "terminated"})
+                raise
 
     def take_cancels(self):
         """(The watchdog thread, while a task runs.)  Answer a CANCEL behind
@@ -2502,20 +2538,25 @@ class _WorkerProcess:
         if cancel not in lines:
             return
         last = len(lines) - 1 - lines[::-1].index(cancel)
-        for line in lines[:last]:
-            if line.startswith(b"{"):
+        self._give_back(lines[:last])
+        self._lines = collections.deque(lines[last + 1:])
+
+    def _give_back(self, lines):
+        """Answer "cancelled" for the task lines among ``lines``."""
+        for line in lines:
+            if line.strip().startswith(b"{"):
                 self._send_quietly({"op": "cancelled",
                                     "id": _json_decode(line.decode("utf-8"))["id"]})
-        self._lines = collections.deque(lines[last + 1:])
 
     def _read_lines(self, block):
         """Add what the channel holds to self._lines; False at its end."""
         if not block and not self._poller.poll(0):
             return True
-        if block and self._sigterm_pending:
-            raise _Terminated()   # it came while we sent a line
         if block:
             self._sigterm_raises = True   # waiting for work: SIGTERM ends the worker
+            if self._sigterm_pending:     # it came just before (set first, then looked)
+                self._sigterm_raises = False
+                raise _Terminated()
         try:
             data = os.read(self.channel_in, READ_SIZE)
         finally:
@@ -2827,7 +2868,10 @@ class _Watchdog:
 
     def _watch(self):
         poller = select.poll()
-        poller.register(self._channel, 0)   # POLLHUP, POLLERR and POLLNVAL only
+        # POLLHUP, POLLERR and POLLNVAL always; POLLRDHUP for a socket whose
+        # other end only shut down its writing (some ssh builds).
+        poller.register(self._channel, getattr(select, "POLLRDHUP", 0))
+
         while not poller.poll(CANCEL_CHECK_INTERVAL * 1000):
             if self._armed:
                 self._take_cancels()

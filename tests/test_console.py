@@ -362,6 +362,20 @@ def test_an_idle_worker_takes_over_a_task_queued_behind_a_long_one(project, gate
     assert sorted(project.successful(), key=int) == [str(x) for x in range(1, 11)]
 
 
+def test_a_take_back_answered_between_two_tasks(project, gated):
+    """The long task ends right after the take-back is asked for, so the
+    worker answers it between tasks (result first, then "cancelled") rather
+    than from its watchdog: the idle worker is still there to run it."""
+    for x in range(1, 11):
+        if x != 4:
+            open_gate(project, x)
+    console = gated("NUM_WORKERS = 2\n", tasks=10)
+    wait_for(lambda: len(project.successful()) == 8, timeout=60)   # all but 4 and one queued
+    open_gate(project, 4)
+    assert console.finish() == 0, console.transcript()
+    assert sorted(project.successful(), key=int) == [str(x) for x in range(1, 11)]
+
+
 def test_sigterm_behaves_like_quit(project, gated):
     console = gated("NUM_WORKERS = 1\n", tasks=3)
     running = sorted(wait_started(project, 1))

@@ -97,14 +97,15 @@ def test_worker_segfault_mid_task(project):
     assert_consistent_and_rerun_completes(project)
 
 
-def test_worker_killed_between_tasks_loses_nothing(project, tmp_path):
+def test_worker_killed_after_a_task_loses_nothing(project, tmp_path):
     pid_file = tmp_path / "pid"
     project.write(task="""
 import os
 def task_method(variables, task_folder, log_file):
-    with open(%r, "w") as stream:
+    with open(%r + ".tmp", "w") as stream:   # atomic: the next task may be running
         stream.write(str(os.getpid()))
-""" % str(pid_file), variables=VARIABLES + """
+    os.replace(%r + ".tmp", %r)
+""" % ((str(pid_file),) * 3), variables=VARIABLES + """
 import os, signal
 killed = []
 def on_task_success(variables, task_folder, log_file):
@@ -449,3 +450,37 @@ def test_a_result_file_that_cannot_grow_stops_the_run_and_loses_nothing(project)
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(project.successful()) == sorted(
         junk.decode().split() + TASKS)
+
+
+def test_sigterm_to_a_worker_between_short_tasks_gives_back_what_is_queued(project):
+    """A SIGTERM from outside that lands between two short tasks (or while
+    the next one is queued): the worker stops, the task it had not started
+    is run later, never recorded as failed by the worker's exit."""
+    project.write(task="""
+import os, time
+def task_method(variables, task_folder, log_file):
+    time.sleep(0.002)
+    with open(os.path.join(os.path.dirname(os.path.dirname(task_folder)), "pid"), "w") as f:
+        f.write(str(os.getpid()))
+""", variables="""
+import os, signal
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=list(range(60)))
+def on_task_success(variables, task_folder, log_file):
+    if variables["x"] == 20:
+        path = os.path.join(os.path.dirname(os.path.dirname(task_folder)), "pid")
+        os.kill(int(open(path).read()), signal.SIGTERM)
+""", resources="NUM_WORKERS = 1\n")
+    result = project.run()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert set(project.failed().values()) <= {"interrupted"}, project.failed()
+    assert "stopped by a SIGTERM from outside threadward" in result.stdout
+    assert_consistent_and_rerun_completes_range(project, 60)
+
+
+def assert_consistent_and_rerun_completes_range(project, count):
+    before = project.successful()
+    assert len(before) == len(set(before))
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(project.successful(), key=int) == [str(x) for x in range(count)]
