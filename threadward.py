@@ -1206,7 +1206,6 @@ class _Monitor:
              "--format=csv,noheader,nounits"]
 
     def __init__(self, selector, gpu_uuids):
-        self._psutil = _import_psutil()
         self._selector = selector
         self._gpu_uuids = gpu_uuids
         self._processes = {}      # pid -> psutil.Process, kept for cpu_percent's baseline
@@ -1221,7 +1220,7 @@ class _Monitor:
 
     def sample(self, workers):
         """Refresh every worker's CPU % and RSS (its whole process tree)."""
-        psutil = self._psutil
+        psutil = _import_psutil()   # at the first sample: 20 ms less before the first task
         if psutil is None:
             return
         children = collections.defaultdict(list)
