@@ -24,7 +24,7 @@ Data flow (one thread in the main process; nothing blocks but the select)::
     worker stdouts --+     +----------------+   result line   +-----------+
                                    |                            ...  N
                                    v
-                successful_tasks.txt / failed_tasks.txt (one write per line)
+                successful_tasks.txt / failed_tasks.txt (whole lines only)
 
 * The main process loads the three project files, expands the variables,
   writes ``task_queue/all_tasks.json``, runs ``before_all_tasks`` and
