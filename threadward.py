@@ -2016,13 +2016,13 @@ class Threadward:
 
     def _cancel_queued(self, worker, with_running=False):
         """Take back what the worker has not started: the tasks queued behind
-        the running one and, ``with_running``, that one too (its result may
-        have just come, and the worker not yet started the next).  A CANCEL
+        the running one and, ``with_running``, that one too in case its start
+        is still ahead (its predecessor's result has just come).  A CANCEL
         line: each comes back "cancelled", or as a result if it had started.
-        True while some answer is due."""
-        wanted = {task.task_id for task in list(worker.queue)[0 if with_running else 1:]}
-        if wanted - worker.cancelling:
-            worker.cancelling |= wanted
+        True while an answer is due for a task that was queued behind."""
+        queued = {task.task_id for task in list(worker.queue)[1:]}
+        if queued - worker.cancelling or (with_running and worker.queue):
+            worker.cancelling |= queued
             worker.send((CANCEL + "\n").encode())
         return bool(worker.cancelling)
 

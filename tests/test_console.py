@@ -376,6 +376,25 @@ def test_a_take_back_answered_between_two_tasks(project, gated):
     assert sorted(project.successful(), key=int) == [str(x) for x in range(1, 11)]
 
 
+def test_an_idle_worker_does_not_wait_for_a_removed_workers_long_task(project, gated):
+    """`remove` takes back whatever the removed worker has not started, but
+    the task it runs is its own: a worker with nothing left to do shuts down
+    (freeing its GPU) without waiting for that task to end."""
+    console = gated("NUM_WORKERS = 2\n", tasks=4)
+    running = wait_started(project, 2)
+    task_of_0 = next(x for x, w in running.items() if w == 0)
+    console.send("remove 0")
+    console.expect(r"(?i)remove.*\b0\b")
+    for x in range(1, 5):
+        if x != task_of_0:
+            open_gate(project, x)
+    wait_for(lambda: state(project, "worker_1_finished") is not None, timeout=60)
+    assert state(project, "task_%d_finished" % task_of_0) is None
+    open_gate(project, task_of_0)
+    assert console.finish() == 0, console.transcript()
+    assert len(project.successful()) == 4
+
+
 def test_sigterm_behaves_like_quit(project, gated):
     console = gated("NUM_WORKERS = 1\n", tasks=3)
     running = sorted(wait_started(project, 1))
