@@ -69,6 +69,10 @@ def task_method(variables, task_folder, log_file):
         stream.write(str(_worker["id"]))
     if os.environ.get("TEST_TASK_CHILD"):
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", HERE])
+    if os.environ.get("TEST_TASK_BIG_CHILD") and x == 1:   # 150 MiB, touched, in a child
+        subprocess.Popen([sys.executable, "-c", "import sys, time; b = b'x' * (150 << 20); "
+                          "open(sys.argv[1], 'w').close(); time.sleep(300)",
+                          os.path.join(HERE, "big_child_ready")])
     _mark("task_%s_started" % x, str(_worker["id"]))
     deadline = time.monotonic() + 120   # a hang guard only
     while not (os.path.exists(os.path.join(GATES, str(x))) or
@@ -270,6 +274,18 @@ def test_show_lists_live_worker_pids_and_each_workers_own_gpu_memory(
     open_gate(project)
     assert console.finish() == 0, console.transcript()
     assert len(project.successful()) == 4
+
+
+def test_show_counts_the_memory_of_a_tasks_child_processes(project, gated):
+    console = gated("NUM_WORKERS = 1\n", tasks=2, env={"TEST_TASK_BIG_CHILD": "1"})
+    wait_for(lambda: os.path.exists(os.path.join(project.dir, "big_child_ready")), timeout=60)
+    _, rows = console.show()
+    pid, _, rest = rows[0]
+    ram_now = rest.split()[-2].split("/")[0]          # e.g. "171.3M"
+    assert ram_now.endswith("M") and float(ram_now[:-1]) > 150, rest
+    assert psutil.Process(pid).memory_info().rss < 100 << 20   # the worker alone is small
+    open_gate(project)
+    assert console.finish() == 0, console.transcript()
 
 
 # -- quit and SIGTERM -----------------------------------------------------------
