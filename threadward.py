@@ -2928,9 +2928,10 @@ def _worker_main(argv):
 ###############################################################################
 
 def _template_dir():
-    """templates/ beside this file (checkout, vendored copy, editable install),
-    or where setup.py installs it (sys.prefix/share/threadward/templates)."""
-    candidates = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"),
+    """templates/ beside this file (checkout, vendored copy, editable install:
+    a link to it is followed), or where setup.py installs it
+    (sys.prefix/share/threadward/templates)."""
+    candidates = [os.path.join(os.path.dirname(os.path.realpath(__file__)), "templates"),
                   os.path.join(sys.prefix, "share", "threadward", "templates")]
     user_base = getattr(site, "USER_BASE", None)
     if user_base:

@@ -282,6 +282,18 @@ def test_init_from_a_copy_without_templates_says_what_to_copy(tmp_path):
     assert not os.path.exists(str(tmp_path / "proj" / "threadward" / "task_specification.py"))
 
 
+def test_init_through_a_link_to_the_module_finds_the_templates_beside_the_file(tmp_path):
+    """A strict editable install (what `make` does) imports threadward.py
+    through a link in build/__editable__...: templates/ is beside the file."""
+    links = tmp_path / "links"
+    links.mkdir()
+    os.symlink(THREADWARD, str(links / "threadward.py"))
+    result = cli([sys.executable, str(links / "threadward.py"), "init", str(tmp_path / "proj")],
+                 cwd=tmp_path)
+    assert result.returncode == 0, explain(result)
+    assert os.path.isfile(str(tmp_path / "proj" / "threadward" / "task_specification.py"))
+
+
 # -- the templates run as they are ------------------------------------------
 
 def test_templates_run_as_they_are(tmp_path):
