@@ -10,11 +10,12 @@ DEMO_DIR ?= $(VENV)/demo
 
 .PHONY: demo test bench lint version clean
 
+# editable_mode=strict: a link in build/ instead of an import hook that costs
+# every Python start in the venv ~20 ms; PYTHONWARNINGS mutes setuptools'
+# notice about that folder.
 $(BIN)/threadward: setup.py threadward.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# strict: a link in build/ instead of an import hook that costs every
-	# Python start ~20 ms; PYTHONWARNINGS mutes setuptools' notice about it
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e . --config-settings editable_mode=strict
 	touch $@
 
