@@ -595,7 +595,7 @@ class _Scheduler:
         self._last = {}      # key -> indices of its previous task
         self._before = {}    # key -> the one before that (see put_back)
         self._reverse = {}   # key -> True while it works from the far end of a shared branch
-        self._busy = {}      # key -> nodes on the path of its current task
+        self._busy = {}      # key -> [nodes on the path of each task it holds], oldest first
 
     def __len__(self):
         return self.root.remaining
@@ -611,9 +611,13 @@ class _Scheduler:
             node = child
         node.children.append(indices[-1])
 
-    def assign(self, key):
-        """Indices of the next task for worker ``key``, or None when none remain."""
-        self.release(key)
+    def assign(self, key, ahead=False):
+        """Indices of the next task for worker ``key``, or None when none remain.
+        ``ahead``: the worker is still running its previous task (this one is
+        queued behind it), which stays counted where it is."""
+        if not ahead:
+            while key in self._busy:
+                self.release(key)
         if not self.root.remaining:
             return None
         last = self._last.get(key, ())
@@ -641,7 +645,7 @@ class _Scheduler:
         self._before[key] = last
         self._last[key] = tuple(path)
         self._reverse[key] = reverse
-        self._busy[key] = nodes
+        self._busy.setdefault(key, []).append(nodes)
         return self._last[key]
 
     @staticmethod
@@ -655,21 +659,27 @@ class _Scheduler:
         index = max(children, key=lambda i: _work_per_worker(children[i]))
         return index, children[index], True
 
-    def release(self, key):
-        """The task of worker ``key`` has ended (succeeded, failed or died)."""
-        for node in self._busy.pop(key, ()):
+    def release(self, key, newest=False):
+        """The (oldest) task of worker ``key`` has ended (succeeded, failed or died)."""
+        held = self._busy.get(key)
+        if not held:
+            return
+        for node in held.pop(-1 if newest else 0):
             node.active -= 1
+        if not held:
+            del self._busy[key]
 
     def put_back(self, key, indices):
         """Worker ``key`` never started the task it was given last: it waits
         again, and the worker holds what its task before that left it."""
-        self.release(key)
+        self.release(key, newest=True)
         self.add(indices)
         if self._last.get(key) == tuple(indices):
             self._last[key] = self._before.pop(key, ())
 
     def forget(self, key):
-        self.release(key)
+        while key in self._busy:
+            self.release(key)
         for table in (self._last, self._before, self._reverse):
             table.pop(key, None)
 
@@ -1821,6 +1831,7 @@ class Threadward:
                     _update_stat(worker.stats, name, message[name])
         elif op == "result" and worker.queue:
             task = self._next_in_queue(worker)
+            self.scheduler.release(worker.worker_id)
             worker.last_seconds = message.get("seconds")
             success, reason = message.get("status") == 0, message.get("reason") or ""
             ours = worker.end_reason or self._interrupting   # the SIGTERM came from us
@@ -1955,7 +1966,8 @@ class Threadward:
 
     def _send_task(self, worker):
         """Give ``worker`` its next task (queued if it is busy); False if none is left."""
-        indices = self.scheduler.assign(worker.worker_id)
+        indices = self.scheduler.assign(worker.worker_id, ahead=bool(worker.queue))
+
         if indices is None:
             return False
         task = self._task_of(indices)
@@ -1996,7 +2008,6 @@ class Threadward:
         else:
             worker.state = Worker.IDLE
             worker.deadline = None
-            self.scheduler.release(worker.worker_id)
         return task
 
     def _on_cancelled(self, worker, task_id):

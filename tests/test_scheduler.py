@@ -324,3 +324,18 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
     assert sorted(handed) == sorted(tasks)
     assert len(scheduler) == 0
     assert scheduler.assign(next(next_key)) is None
+
+
+def test_a_task_queued_ahead_leaves_the_running_one_counted():
+    scheduler = scheduler_for(grid(2, 4))
+    assert scheduler.assign("a") == (0, 0)
+    assert scheduler.assign("a", ahead=True) == (0, 1)   # queued behind (0, 0)
+    branch = scheduler.root.children[0]
+    assert branch.active == 2
+    scheduler.put_back("a", (0, 1))   # the queued one comes back unstarted
+    assert branch.active == 1          # the running one still counts
+    assert len(scheduler) == 7
+    scheduler.release("a")             # the running one ends
+    assert branch.active == 0
+    assert scheduler.assign("a")[0] == 0   # it keeps the model it really holds
+    assert scheduler.assign("b")[0] == 1   # a fresh worker goes where no one is
