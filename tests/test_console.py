@@ -386,7 +386,8 @@ def test_a_take_back_answered_between_two_tasks(project, gated):
         if x != 4:
             open_gate(project, x)
     console = gated("NUM_WORKERS = 2\n", tasks=10)
-    wait_for(lambda: len(project.successful()) == 8, timeout=60)   # all but 4 and one queued
+    # All but 4 and (usually) the one queued behind it; 9 if none was queued.
+    wait_for(lambda: len(project.successful()) >= 8, timeout=60)
     open_gate(project, 4)
     assert console.finish() == 0, console.transcript()
     assert sorted(project.successful(), key=int) == [str(x) for x in range(1, 11)]
