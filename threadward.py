@@ -45,7 +45,6 @@ Protocol (newline-delimited, on the worker's private copies of fd 0 and 1)::
                         "terminated": true if SIGTERM ended it (the worker then exits)}
                        {"op": "cancelled", "id": ...}         (answers a cancel, per task)
                        {"op": "terminated"}   (SIGTERM came between tasks: it exits now)
-
                        {"op": "fatal", "error": ...}          (start-up failed)
                        {"op": "stats", "cpu": ..., "rss": ..., "gpu": ...}
                                   (every 2 s, from workers behind a launcher: srun, ssh)
@@ -499,12 +498,9 @@ class VariableSet:
         """{name: value} for a task, as the main-process hooks see it."""
         return {v.name: v.values[i] for v, i in zip(self.variables, indices)}
 
-    def protocol_variables(self, indices):
-        """The "vars" of a task line: [[name, value, nickname], ...]."""
-        return [[v.name, v.values[i], v.nicknames[i]] for v, i in zip(self.variables, indices)]
-
     def protocol_fragment(self, indices):
-        """protocol_variables() as JSON text, from cached pieces."""
+        """The "vars" of a task line, [[name, value, nickname], ...], as JSON
+        text from cached pieces."""
         return "[" + ",".join(self._texts(indices, "[%s,%s,%s]")) + "]"
 
     def json_fragment(self, indices):
