@@ -260,6 +260,13 @@ def _write_all(fd, data):
         data = data[written:]
 
 
+def _readable_now(fd):
+    """Whether ``fd`` has something to read (poll: any fd number, unlike select)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 # JSON without json.dumps's per-call set-up, for protocol lines.
 _json_text = json.JSONEncoder().encode
 _json_decode = json.JSONDecoder().decode
@@ -1988,7 +1995,7 @@ class Threadward:
     def _on_timeout(self, worker, task):
         # Its answer may be waiting unread: if the task has ended after all,
         # the SIGTERM would only hit the next one.
-        if not worker.process.stdout.closed and select.select([worker.fileno()], [], [], 0)[0]:
+        if not worker.process.stdout.closed and _readable_now(worker.fileno()):
             self._on_worker_readable(worker)
         if worker.task is task:
             worker.timed_out = task

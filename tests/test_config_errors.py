@@ -369,6 +369,18 @@ def test_converter_that_is_not_a_function_is_an_error_or_ignored(setup):
 
 # -- hostile names that only show up once folders are made -----------------------
 
+def assert_refused_before_running_or_ran(setup, result, before):
+    """Either a configuration error with nothing touched, or every task ran."""
+    assert result.returncode in (0, 2), (result.returncode, result.stdout, result.stderr)
+    if result.returncode == 2:
+        assert "variable_iteration.py" in result.stderr
+        assert queue_snapshot(setup) == before
+        assert not os.path.exists(setup.outputs)
+    else:
+        assert len(setup.successful()) == 2 + 2
+        assert setup.failed() == {}
+
+
 def test_underscore_id_too_long_for_one_folder(setup):
     """Joined with "_", two 150-character nicknames make a 301-byte folder name,
     longer than any filesystem allows: that must be caught before anything
@@ -382,14 +394,7 @@ def test_underscore_id_too_long_for_one_folder(setup):
         """)
     before = queue_snapshot(setup)
     result = setup.run(timeout=120)
-    assert result.returncode in (0, 2), (result.returncode, result.stdout, result.stderr)
-    if result.returncode == 2:
-        assert "variable_iteration.py" in result.stderr
-        assert queue_snapshot(setup) == before
-        assert not os.path.exists(setup.outputs)
-    else:
-        assert len(setup.successful()) == 2 + 2
-        assert setup.failed() == {}
+    assert_refused_before_running_or_ran(setup, result, before)
 
 
 def test_value_that_is_not_valid_unicode(setup):
@@ -402,11 +407,4 @@ def test_value_that_is_not_valid_unicode(setup):
     before = queue_snapshot(setup)
     result = setup.run(timeout=120)
     assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode in (0, 2), (result.returncode, result.stdout, result.stderr)
-    if result.returncode == 2:
-        assert "variable_iteration.py" in result.stderr
-        assert queue_snapshot(setup) == before
-        assert not os.path.exists(setup.outputs)
-    else:
-        assert len(setup.successful()) == 2 + 2
-        assert setup.failed() == {}
+    assert_refused_before_running_or_ran(setup, result, before)
