@@ -16,7 +16,8 @@ Data flow (one thread in the main process; nothing blocks but the select)::
                                    |
                                    v
                               _Scheduler (prefix tree of remaining tasks)
-                                   |  assign(worker): longest retained prefix
+                                   |  assign(worker): longest retained prefix,
+                                   |  or None while no task is worth its load
                                    v
     console stdin ---+     +----------------+    task line    +-----------+
     signals (wakeup)-+---> | selector loop  | --------------> | worker 0  |
@@ -42,6 +43,7 @@ Protocol (newline-delimited, on the worker's private copies of fd 0 and 1)::
                        SHUT_DOWN
     worker -> parent   {"op": "ready", "pid": ..., "host": ..., "gpus": CUDA_VISIBLE_DEVICES}
                        {"op": "result", "id": ..., "status": 0|1, "reason": ..., "seconds": ...,
+                        "load": seconds of it spent in converters (when any ran),
                         "terminated": true if SIGTERM ended it (the worker then exits)}
                        {"op": "cancelled", "id": ...}         (answers a cancel, per task)
                        {"op": "terminated"}   (SIGTERM came between tasks: it exits now)
@@ -567,7 +569,7 @@ def _task_id(folders, location):
 ###############################################################################
 
 class _Node:
-    __slots__ = ("children", "remaining", "active")
+    __slots__ = ("children", "remaining", "active", "due")
 
     def __init__(self, leaf_level):
         # Above the last variable: {value index: _Node}, insertion-ordered.
@@ -575,10 +577,15 @@ class _Node:
         self.children = collections.deque() if leaf_level else {}
         self.remaining = 0
         self.active = 0   # busy workers whose current task lies in this subtree
+        self.due = 0.0    # sum of the times those tasks are expected to end
 
 
 def _work_per_worker(node):
     return node.remaining / (node.active + 1)
+
+
+def _mean(pair):
+    return pair[0] / pair[1] if pair and pair[1] else None
 
 
 class _Scheduler:
@@ -589,16 +596,23 @@ class _Scheduler:
     goes where no other worker is (first such branch in order); only when
     every branch is busy does it split the one with the fewest workers and the
     most work left, taking from the far end so the owner keeps its order.
+    It joins that branch only if the load it needs takes less time than the
+    branch's own workers need to finish it (as measured so far: ``release``
+    learns each task's seconds and load seconds); otherwise it gets None and
+    waits, and asks again after the next event.
     Every step is O(depth x branching), never a scan of the queue.
     """
 
-    def __init__(self, depth):
+    def __init__(self, depth, clock=time.monotonic):
         self.depth = depth
         self.root = _Node(depth == 1)
+        self.clock = clock
         self._last = {}      # key -> indices of its previous task
         self._before = {}    # key -> the one before that (see put_back)
         self._reverse = {}   # key -> True while it works from the far end of a shared branch
-        self._busy = {}      # key -> [nodes on the path of each task it holds], oldest first
+        self._busy = {}      # key -> [(nodes on its path, level, expected end)], oldest first
+        self._work = [0.0, 0]   # seconds of tasks' own work (loads excluded), count
+        self._loads = {}     # level a move left the previous prefix at -> [seconds, count]
 
     def __len__(self):
         return self.root.remaining
@@ -614,10 +628,11 @@ class _Scheduler:
             node = child
         node.children.append(indices[-1])
 
-    def assign(self, key, ahead=False):
-        """Indices of the next task for worker ``key``, or None when none remain.
-        ``ahead``: the worker is still running its previous task (this one is
-        queued behind it), which stays counted where it is."""
+    def assign(self, key, ahead=False, patient=True):
+        """Indices of the next task for worker ``key``, or None when none
+        remain or (``patient``) none is worth its load now.  ``ahead``: the
+        worker is still running its previous task (this one is queued behind
+        it), which stays counted where it is."""
         if not ahead:
             while key in self._busy:
                 self.release(key)
@@ -633,8 +648,12 @@ class _Scheduler:
             node = child
             path.append(index)
             nodes.append(node)
+        kept = len(path)
         while len(path) < self.depth - 1:             # choose below it
             index, child, reverse = self._choose(node, reverse, at_root=not path)
+            if len(path) == kept and child.active and patient and \
+                    not self._worth_joining(child, kept):
+                return None
             node = child
             path.append(index)
             nodes.append(node)
@@ -645,11 +664,25 @@ class _Scheduler:
             member.active += 1
             if not member.remaining and level:
                 del nodes[level - 1].children[path[level - 1]]
+        end = self.clock() + (_mean(self._loads.get(kept)) or 0.0) + (_mean(self._work) or 0.0)
+        for member in nodes:
+            member.due += end
         self._before[key] = last
         self._last[key] = tuple(path)
         self._reverse[key] = reverse
-        self._busy.setdefault(key, []).append(nodes)
+        self._busy.setdefault(key, []).append((nodes, kept, end))
         return self._last[key]
+
+    def _worth_joining(self, node, level):
+        """Whether a worker that must load from ``level`` down would finish the
+        busy branch ``node`` sooner by joining: its load takes less time than
+        the branch's workers need for what is left, per worker.  Unknown
+        costs (nothing measured yet) say yes."""
+        load, work = _mean(self._loads.get(level)), _mean(self._work)
+        if not load or work is None:
+            return True
+        running = max(0.0, node.due - node.active * self.clock())
+        return load * node.active < running + node.remaining * work
 
     @staticmethod
     def _choose(node, reverse, at_root):
@@ -662,15 +695,25 @@ class _Scheduler:
         index = max(children, key=lambda i: _work_per_worker(children[i]))
         return index, children[index], True
 
-    def release(self, key, newest=False):
-        """The (oldest) task of worker ``key`` has ended (succeeded, failed or died)."""
+    def release(self, key, newest=False, seconds=None, load=0.0):
+        """The (oldest) task of worker ``key`` has ended (succeeded, failed or
+        died).  ``seconds``: how long it took, ``load`` of which went to
+        converting changed values."""
         held = self._busy.get(key)
         if not held:
             return
-        for node in held.pop(-1 if newest else 0):
+        nodes, level, end = held.pop(-1 if newest else 0)
+        for node in nodes:
             node.active -= 1
+            node.due -= end
         if not held:
             del self._busy[key]
+        if seconds is not None:
+            self._work[0] += max(0.0, seconds - load)
+            self._work[1] += 1
+            learned = self._loads.setdefault(level, [0.0, 0])
+            learned[0] += load
+            learned[1] += 1
 
     def put_back(self, key, indices):
         """Worker ``key`` never started the task it was given last: it waits
@@ -1334,6 +1377,7 @@ class Worker:
         self.cancelling = set()       # IDs of queued tasks a CANCEL line is taking back
         self.last_seconds = None      # how long its last task took (the worker's clock)
         self.retiring = False         # `remove N`: no new task, then SHUT_DOWN
+        self.waiting = False          # idle: no remaining task is worth its load now
         self.terminated = False       # SIGTERM from outside ended its task
         self.timed_out = None         # the task TASK_TIMEOUT ended it for
         self.fatal = None             # start-up traceback sent by the worker
@@ -1834,9 +1878,11 @@ class Threadward:
                     _update_stat(worker.stats, name, message[name])
         elif op == "result" and worker.queue:
             task = self._next_in_queue(worker)
-            self.scheduler.release(worker.worker_id)
-            worker.last_seconds = message.get("seconds")
             success, reason = message.get("status") == 0, message.get("reason") or ""
+            # The scheduler learns from tasks that ran to their end.
+            self.scheduler.release(worker.worker_id, seconds=message.get("seconds") if success
+                                   else None, load=message.get("load", 0.0))
+            worker.last_seconds = message.get("seconds")
             ours = worker.end_reason or self._interrupting   # the SIGTERM came from us
             if message.get("terminated"):
                 worker.state = Worker.STOPPING   # it exits after this line: no new task
@@ -1950,12 +1996,17 @@ class Threadward:
 
     def _assign_tasks(self):
         workers = list(self._workers.values())
-        for worker in workers:   # idle workers first: they wait, busy ones do not
-            if worker.state != Worker.IDLE:
-                continue
+        # Idle workers first: they wait, busy ones do not.  Those told to wait
+        # ask last, so a worker that has just answered keeps its own branch.
+        idle = sorted((w for w in workers if w.state == Worker.IDLE), key=lambda w: w.waiting)
+        for worker in idle:
             if self._stopping or worker.retiring:
                 self._shut_down(worker)
-            elif not self._send_task(worker) and not self._take_back_queued():
+            elif self._send_task(worker, patient=any(other.queue for other in workers)):
+                worker.waiting = False
+            elif len(self.scheduler):
+                worker.waiting = True     # it asks again after the next event
+            elif not self._take_back_queued():
                 self._shut_down(worker)   # nothing left, here or queued elsewhere
         for worker in workers:
             if worker.state == Worker.BUSY and self._queues_ahead(worker):
@@ -1967,9 +2018,11 @@ class Threadward:
                 and not self._stopping and worker.last_seconds is not None
                 and worker.last_seconds < QUEUE_AHEAD_BELOW)
 
-    def _send_task(self, worker):
-        """Give ``worker`` its next task (queued if it is busy); False if none is left."""
-        indices = self.scheduler.assign(worker.worker_id, ahead=bool(worker.queue))
+    def _send_task(self, worker, patient=True):
+        """Give ``worker`` its next task (queued if it is busy); False if none
+        is left or (``patient``: others are working) none is worth its load."""
+        indices = self.scheduler.assign(worker.worker_id, ahead=bool(worker.queue),
+                                        patient=patient)
 
         if indices is None:
             return False
@@ -2325,6 +2378,8 @@ class Threadward:
                 task_id = worker.task.task_id
                 state = "busy %s %s" % (_format_duration(time.monotonic() - worker.task.started),
                                         _elide(task_id, state_width - 13))
+            elif worker.waiting:
+                state = "idle: no task worth a load"
             if worker.retiring:
                 state = "removing; " + state
             stats = worker.stats
@@ -2384,6 +2439,7 @@ class _WorkerProcess:
         self._sigterm_pending = False
         self._helper_pids = set()     # nvidia-smi of the stats thread: not the task's
         self.retained = {}            # variable name -> (value, nickname, converted)
+        self.load_seconds = 0.0       # spent converting changed values for this task
         self._libc = None
         self._streams = None          # our sys.stdin, sys.stdout, sys.stderr
         self._worker_children = set()  # started by before_each_worker: they may stay
@@ -2623,6 +2679,7 @@ class _WorkerProcess:
 
     def run_task(self, message):
         started = time.monotonic()
+        self.load_seconds = 0.0
         folder, log_file = message["folder"], message["log"]
         mode = self.project.output_mode
         try:
@@ -2650,8 +2707,11 @@ class _WorkerProcess:
         return self._result(message, success, reason, started)
 
     def _result(self, message, success, reason, started):
-        return {"op": "result", "id": message["id"], "status": 0 if success else 1,
-                "reason": reason, "seconds": time.monotonic() - started}
+        result = {"op": "result", "id": message["id"], "status": 0 if success else 1,
+                  "reason": reason, "seconds": time.monotonic() - started}
+        if self.load_seconds:
+            result["load"] = self.load_seconds
+        return result
 
     def _run_hooks(self, variable_list, folder, log_file):
         """before_each_task, task_method, after_each_task, verify_task_success,
@@ -2699,6 +2759,7 @@ class _WorkerProcess:
         and a changed value's old object is released before the new one is made."""
         changed = [(name, value, nickname) for name, value, nickname in variable_list
                    if not self._holds(name, value, nickname)]
+        began = time.monotonic()
         released = False
         for name, _, _ in changed:
             if self.retained.pop(name, None) is not None and name in self.converters:
@@ -2709,6 +2770,8 @@ class _WorkerProcess:
             converter = self.converters.get(name)
             converted = converter(str(value), nickname) if converter else value
             self.retained[name] = (value, nickname, converted)
+        if released or any(name in self.converters for name, _, _ in changed):
+            self.load_seconds = time.monotonic() - began   # the scheduler weighs moves by it
         return {name: self.retained[name][2] for name, _, _ in variable_list}
 
 

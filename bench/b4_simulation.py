@@ -55,10 +55,13 @@ def simulate(shape, workers, durations, rng, ragged=False):
         length = dict.fromkeys(tasks, 1.0)
     else:   # heavy-tailed: exponential with mean 1
         length = {task: rng.expovariate(1.0) for task in tasks}
-    scheduler = threadward._Scheduler(depth)
+    clock = [0.0]
+    scheduler = threadward._Scheduler(depth, clock=lambda: clock[0])
     for task in tasks:
         scheduler.add(task)
     held = [None] * workers
+    took = [None] * workers   # (seconds, load seconds) of its task in flight
+    waiting = []              # workers the scheduler told to wait
     loads = [0] * depth
     used = set()
     heap = []
@@ -72,27 +75,33 @@ def simulate(shape, workers, durations, rng, ragged=False):
         spent += time.perf_counter() - began
         assignments += 1
         if task is None:
+            if len(scheduler):
+                waiting.append(worker)
             return
         used.add(worker)
-        cost = length[task]
+        load = 0.0
         previous = held[worker]
         for level in range(depth):
             if previous is None or previous[:level + 1] != task[:level + 1]:
                 loads[level] += 1
-                cost += costs[level]
+                load += costs[level]
         held[worker] = task
-        heapq.heappush(heap, (now + cost, worker))
+        took[worker] = (length[task] + load, load)
+        heapq.heappush(heap, (now + length[task] + load, worker))
 
     for worker in range(workers):
         start(worker, 0.0)
     makespan = 0.0
     while heap:
         now, worker = heapq.heappop(heap)
-        makespan = now
+        makespan = clock[0] = now
         began = time.perf_counter()
-        scheduler.release(worker)
+        scheduler.release(worker, seconds=took[worker][0], load=took[worker][1])
         spent += time.perf_counter() - began
         start(worker, now)
+        for again in waiting[:]:   # the real main loop asks again after every event
+            waiting.remove(again)
+            start(again, now)
 
     distinct = [len({task[:level + 1] for task in tasks}) for level in range(depth)]
     lower = [max(d, len(used)) for d in distinct]

@@ -707,3 +707,45 @@ def test_fresh_workers_start_on_different_top_level_values(project):
     for pid in first:
         models = [model for p, model, _ in events if p == pid]
         assert len(run_lengths(models)) == len(set(models)), events
+
+
+WAIT_TASK = """
+def task_method(variables, task_folder, log_file):
+    _log(_os.getpid(), "task", variables["model"], variables["item"])
+"""
+
+WAIT_VARIABLES = """
+import time
+
+
+def model_to_value(string_value, nickname):
+    _log(_os.getpid(), "load", string_value)
+    time.sleep(1.5)
+    return string_value
+
+
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="model", values=["small", "big"])
+    variable_set.add_variable(name="item", values=list(range(30)),
+                              exceptions={"small": [0, 1]})
+"""
+
+
+def test_a_worker_does_not_load_a_model_for_the_last_few_tasks_of_a_busy_one(project):
+    # 3 workers, 2 models of 1.5 s loads: "small" has 2 tasks, "big" 30, so
+    # "big" gets two workers.  When "small" is done, "big" has some 28 tasks of
+    # a few ms left for two workers: loading it a third time would not pay,
+    # and that worker waits for the end instead.
+    project.write(task=source(project, WAIT_TASK), variables=source(project, WAIT_VARIABLES),
+                  resources=resources(3))
+    result = project.run()
+    assert result.returncode == 0, console(result)
+    assert len(project.successful()) == 32
+    events = read_events(project)
+    loads = [(pid, model) for pid, kind, model, *_ in events if kind == "load"]
+    assert len(loads) == len(set(loads)), loads      # nobody loads a model twice
+    small = [pid for pid, model in loads if model == "small"]
+    assert len(small) == 1, loads
+    assert (small[0], "big") not in loads, loads
+    ran = [(pid, model) for pid, kind, model, *_ in events if kind == "task"]
+    assert ran.count((small[0], "small")) == 2 and (small[0], "big") not in ran

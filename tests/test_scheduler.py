@@ -339,3 +339,125 @@ def test_a_task_queued_ahead_leaves_the_running_one_counted():
     assert branch.active == 0
     assert scheduler.assign("a")[0] == 0   # it keeps the model it really holds
     assert scheduler.assign("b")[0] == 1   # a fresh worker goes where no one is
+
+
+# -- waiting instead of a load that does not pay --------------------------------
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_worker_waits_rather_than_load_for_a_branch_nearly_done():
+    clock = Clock()
+    scheduler = _Scheduler(2, clock=clock)
+    for task in [(0, 0), (0, 1)] + [(1, i) for i in range(20)]:
+        scheduler.add(task)
+    assert scheduler.assign("a") == (0, 0)
+    assert scheduler.assign("b") == (1, 0)
+    assert scheduler.assign("c") == (1, 19)   # nothing measured yet: it joins
+    clock.now = 10.0                           # 9.9 s loads, 0.1 s tasks
+    for key in "abc":
+        scheduler.release(key, seconds=10.0, load=9.9)
+    assert scheduler.assign("a") == (0, 1)
+    assert scheduler.assign("b") == (1, 1)
+    assert scheduler.assign("c") == (1, 18)
+    clock.now = 10.1
+    scheduler.release("a", seconds=0.1)
+    # 16 tasks of 0.1 s left for b and c: a 9.9 s load would not pay
+    assert scheduler.assign("a") is None
+    assert len(scheduler) == 16
+    # it asks again after each event; the owners keep their order meanwhile
+    scheduler.release("b", seconds=0.1)
+    assert scheduler.assign("b") == (1, 2)
+    assert scheduler.assign("a") is None
+    # with its branch's workers gone, the branch has no one: a takes it over
+    scheduler.forget("b")
+    scheduler.forget("c")
+    assert scheduler.assign("a") == (1, 3)
+
+
+def test_a_worker_joins_a_busy_branch_when_its_load_pays_off():
+    clock = Clock()
+    scheduler = _Scheduler(2, clock=clock)
+    for task in [(0, 0), (0, 1)] + [(1, i) for i in range(200)]:
+        scheduler.add(task)
+    assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
+    clock.now = 2.0
+    for key in "ab":
+        scheduler.release(key, seconds=2.0, load=1.0)   # 1 s loads, 1 s tasks
+    assert scheduler.assign("a") == (0, 1)
+    assert scheduler.assign("b") == (1, 1)
+    clock.now = 3.0
+    scheduler.release("a", seconds=1.0)
+    # b has some 198 s of work left: a 1 s load pays, from the far end
+    assert scheduler.assign("a") == (1, 199)
+
+
+def simulate_with_loads(tasks, workers, load, learn=True):
+    """Equal 1 s tasks; a task whose top-level value differs from its
+    worker's previous one costs ``load`` more.  ``learn``: the scheduler is
+    told each task's seconds (else it never has a reason to wait).  Workers
+    told to wait ask again after every event, as in the main loop.
+    Returns ({worker: [task, ...]}, makespan)."""
+    clock = Clock()
+    scheduler = _Scheduler(len(tasks[0]), clock=clock)
+    for task in tasks:
+        scheduler.add(task)
+    history = dict((w, []) for w in range(workers))
+    events, waiting, took = [], [], {}
+
+    def start(worker):
+        task = scheduler.assign(worker)
+        if task is None:
+            if len(scheduler):
+                waiting.append(worker)
+            return
+        held = history[worker]
+        cost = load if not held or held[-1][0] != task[0] else 0.0
+        held.append(task)
+        took[worker] = (1.0 + cost, cost)
+        heapq.heappush(events, (clock.now + 1.0 + cost, worker))
+
+    for worker in range(workers):
+        start(worker)
+    while events:
+        clock.now, worker = heapq.heappop(events)
+        seconds, cost = took[worker]
+        if learn:
+            scheduler.release(worker, seconds=seconds, load=cost)
+        start(worker)
+        for again in list(waiting):
+            waiting.remove(again)
+            start(again)
+    assert len(scheduler) == 0 and not waiting
+    return history, clock.now
+
+
+@pytest.mark.parametrize("shape, workers", [((3, 40), 8), ((3, 40), 16), ((2, 30), 5),
+                                            ((4, 4, 4), 6)])
+def test_waiting_keeps_loads_within_the_bound_when_workers_outnumber_values(shape, workers):
+    tasks = grid(*shape)
+    history, makespan = simulate_with_loads(tasks, workers, load=10.0)
+    assert_each_task_once(history, tasks)
+    assert loads(history) <= shape[0] + workers - 1
+    # and the sweep ends no later than when every worker joins a busy branch
+    blind_history, blind_makespan = simulate_with_loads(tasks, workers, 10.0, learn=False)
+    assert loads(blind_history) > shape[0] + workers - 1
+    assert makespan <= blind_makespan
+
+
+def test_an_impatient_ask_joins_even_when_the_load_does_not_pay():
+    # the main loop asks so when no other worker holds a task: never all wait
+    clock = Clock()
+    scheduler = _Scheduler(2, clock=clock)
+    for task in [(0, 0)] + [(1, i) for i in range(10)]:
+        scheduler.add(task)
+    assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
+    clock.now = 10.0
+    scheduler.release("a", seconds=10.0, load=9.9)
+    assert scheduler.assign("a") is None
+    assert scheduler.assign("a", patient=False) == (1, 9)
