@@ -274,6 +274,17 @@ _json_text = json.JSONEncoder().encode
 _json_decode = json.JSONDecoder().decode
 
 
+def _hook_of(cache, module, name):
+    """The user's function ``name`` in ``module``, or None, looked up once:
+    hooks are looked up per task, and a miss on a module raises (and
+    catches) an AttributeError, some microseconds each time."""
+    try:
+        return cache[name]
+    except KeyError:
+        function = cache[name] = getattr(module, name, None)
+        return function
+
+
 def _elide(text, width):
     """``text`` cut in the middle to ``width`` (both ends of a task ID matter)."""
     if len(text) <= width:
@@ -1487,6 +1498,7 @@ class Threadward:
         self._out = out or sys.stdout
         self._selector = None
         self._workers = {}            # worker id -> Worker (until reaped)
+        self._hooks = {}              # on_task_success / on_task_failure, once looked up
         self._next_worker_id = 0
         self._free_slots = []         # indexes of slots not held by a worker
         self._slots = []              # every _Slot: where a worker may run, with its GPUs
@@ -2148,7 +2160,7 @@ class Threadward:
             if handling == "STOP_EXECUTION":
                 self._stop("a task failed and FAILURE_HANDLING is STOP_EXECUTION")
         hook = "on_task_success" if success else "on_task_failure"
-        function = getattr(self.project.variable_module, hook, None)
+        function = _hook_of(self._hooks, self.project.variable_module, hook)
         if function is not None:
             self._write_results()   # the line is on disk before the hook sees the task
             arguments = [self.project.variable_set.variables_of(task.indices), task.folder,
@@ -2440,6 +2452,7 @@ class _WorkerProcess:
         self._helper_pids = set()     # nvidia-smi of the stats thread: not the task's
         self.retained = {}            # variable name -> (value, nickname, converted)
         self.load_seconds = 0.0       # spent converting changed values for this task
+        self._hooks = {}              # hook name -> the user's function, or None
         self._libc = None
         self._streams = None          # our sys.stdin, sys.stdout, sys.stderr
         self._worker_children = set()  # started by before_each_worker: they may stay
@@ -2485,9 +2498,9 @@ class _WorkerProcess:
     def _restore_streams(self):
         """sys.stdin/stdout/stderr as ours again if a task closed or replaced them.
         Line-buffered (logs can be followed live), never closing the real fds."""
-        if self._streams is None or any(
-                current is not ours or ours.closed for current, ours in
-                zip((sys.stdin, sys.stdout, sys.stderr), self._streams)):
+        ours = self._streams
+        if ours is None or (sys.stdin, sys.stdout, sys.stderr) != ours or \
+                ours[0].closed or ours[1].closed or ours[2].closed:
             self._streams = (
                 open(0, "r", closefd=False),
                 open(1, "w", buffering=1, closefd=False, errors="backslashreplace"),
@@ -2555,7 +2568,8 @@ class _WorkerProcess:
                 # the task: it did not fail, it was stopped; a rerun retries it.
                 result = self._result(message, False, "interrupted (SIGTERM)", started)
                 self._sigterm_pending = True
-            result["terminated"] = self._sigterm_pending
+            if self._sigterm_pending:
+                result["terminated"] = True
             watchdog.disarm()
             if not self._send_quietly(result):
                 return 0  # the main process is gone: never record anything
@@ -2669,8 +2683,11 @@ class _WorkerProcess:
             if not self._send_quietly(stats):
                 return
 
+    def _hook(self, name):
+        return _hook_of(self._hooks, self.spec, name)
+
     def _call_hook(self, name, *arguments):
-        function = getattr(self.spec, name, None)
+        function = self._hook(name)
         if function is not None:
             return function(*arguments)
         return None
@@ -2736,7 +2753,7 @@ class _WorkerProcess:
             return error is None, error or ""
         if condition == "NO_ERROR_AND_VERIFY" and error is not None:
             return False, error
-        verify = getattr(self.spec, "verify_task_success", None)
+        verify = self._hook("verify_task_success")
         if verify is None:
             return (True, "") if condition == "VERIFY_ONLY" else (error is None, error or "")
         try:
