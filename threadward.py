@@ -579,23 +579,23 @@ def _task_id(folders, location):
 ###############################################################################
 
 class _Node:
-    __slots__ = ("children", "remaining", "active", "due")
+    __slots__ = ("children", "remaining", "active", "worked", "finished")
 
     def __init__(self, leaf_level):
         # Above the last variable: {value index: _Node}, insertion-ordered.
         # At the last variable: a deque of value indices.
         self.children = collections.deque() if leaf_level else {}
         self.remaining = 0
-        self.active = 0   # busy workers whose current task lies in this subtree
-        self.due = 0.0    # sum of the times those tasks are expected to end
+        self.active = 0   # tasks held by workers (running or queued) in this subtree
+        self.worked = 0.0   # seconds of its tasks measured so far, loads excluded
+        self.finished = 0   # how many were measured
 
 
-def _work_per_worker(node):
-    return node.remaining / (node.active + 1)
-
-
-def _mean(pair):
-    return pair[0] / pair[1] if pair and pair[1] else None
+def _seconds_per_worker(node, default):
+    """The branch's work left per worker if one more joined (its own mean
+    task time where it has one)."""
+    mean = node.worked / node.finished if node.finished else default
+    return node.remaining * mean / (node.active + 1)
 
 
 class _Scheduler:
@@ -606,10 +606,9 @@ class _Scheduler:
     goes where no other worker is (first such branch in order); only when
     every branch is busy does it split the one with the fewest workers and the
     most work left, taking from the far end so the owner keeps its order.
-    It joins that branch only if the load it needs takes less time than the
-    branch's own workers need to finish it (as measured so far: ``release``
-    learns each task's seconds and load seconds); otherwise it gets None and
-    waits, and asks again after the next event.
+    It joins that branch only if the load it needs pays (``_worth_joining``,
+    from the task and load seconds ``release`` learns); otherwise it gets
+    None and waits, and asks again after the next event.
     Every step is O(depth x branching), never a scan of the queue.
     """
 
@@ -620,9 +619,11 @@ class _Scheduler:
         self._last = {}      # key -> indices of its previous task
         self._before = {}    # key -> the one before that (see put_back)
         self._reverse = {}   # key -> True while it works from the far end of a shared branch
-        self._busy = {}      # key -> [(nodes on its path, level, expected end)], oldest first
-        self._work = [0.0, 0]   # seconds of tasks' own work (loads excluded), count
+        # key -> [(nodes on the path of a task it holds, level it left the
+        #          previous prefix at, when it was given)], oldest first
+        self._busy = {}
         self._loads = {}     # level a move left the previous prefix at -> [seconds, count]
+        self._waiting = {}   # key -> when it was first told to wait
 
     def __len__(self):
         return self.root.remaining
@@ -662,7 +663,7 @@ class _Scheduler:
         while len(path) < self.depth - 1:             # choose below it
             index, child, reverse = self._choose(node, reverse, at_root=not path)
             if len(path) == kept and child.active and patient and \
-                    not self._worth_joining(child, kept):
+                    not self._worth_joining(key, child, kept):
                 return None
             node = child
             path.append(index)
@@ -674,35 +675,50 @@ class _Scheduler:
             member.active += 1
             if not member.remaining and level:
                 del nodes[level - 1].children[path[level - 1]]
-        end = self.clock() + (_mean(self._loads.get(kept)) or 0.0) + (_mean(self._work) or 0.0)
-        for member in nodes:
-            member.due += end
+        self._waiting.pop(key, None)
         self._before[key] = last
         self._last[key] = tuple(path)
         self._reverse[key] = reverse
-        self._busy.setdefault(key, []).append((nodes, kept, end))
+        self._busy.setdefault(key, []).append((nodes, kept, self.clock()))
         return self._last[key]
 
-    def _worth_joining(self, node, level):
-        """Whether a worker that must load from ``level`` down would finish the
-        busy branch ``node`` sooner by joining: its load takes less time than
-        the branch's workers need for what is left, per worker.  Unknown
-        costs (nothing measured yet) say yes."""
-        load, work = _mean(self._loads.get(level)), _mean(self._work)
-        if not load or work is None:
+    def _worth_joining(self, key, node, level):
+        """Whether worker ``key``, which must load from ``level`` down, should
+        join the busy branch ``node`` (a child of its kept prefix): only if it
+        would finish the far-end task (its load, then one task) before the
+        branch's own workers would finish the branch (what their running
+        tasks have left, plus the tasks not started, shared among them).
+        Estimates are means measured so far.  Waiting wrongly can cost far
+        more than a load, so it joins while the branch's task time or the
+        load is unmeasured, and when the branch is still not done by the time
+        joining would have finished (the estimate was wrong, or a task is
+        stuck).  The scan of held tasks runs only here, when a branch ends."""
+        learned = self._loads.get(level)
+        if not node.finished or not learned or not learned[0]:
             return True
-        running = max(0.0, node.due - node.active * self.clock())
-        return load * node.active < running + node.remaining * work
+        load, work, now = learned[0] / learned[1], node.worked / node.finished, self.clock()
+        left = node.remaining * work
+        for held in self._busy.values():
+            for nodes, held_level, given in held:
+                if len(nodes) > level + 1 and nodes[level + 1] is node:
+                    learned = self._loads.get(held_level)
+                    end = given + (learned[0] / learned[1] if learned else 0.0) + work
+                    # Overdue: it may be long (durations are often heavy-tailed);
+                    # guess it needs as long again as it has run past its end.
+                    left += end - now if end > now else max(work, now - end)
+        if load + work < left / node.active:
+            return True
+        return now >= self._waiting.setdefault(key, now + load + work)
 
-    @staticmethod
-    def _choose(node, reverse, at_root):
+    def _choose(self, node, reverse, at_root):
         children = node.children
         order = reversed(children) if reverse and not at_root else children
         for index in order:
             child = children[index]
             if not child.active:
                 return index, child, reverse and not at_root
-        index = max(children, key=lambda i: _work_per_worker(children[i]))
+        overall = self.root.worked / self.root.finished if self.root.finished else 1.0
+        index = max(children, key=lambda i: _seconds_per_worker(children[i], overall))
         return index, children[index], True
 
     def release(self, key, newest=False, seconds=None, load=0.0):
@@ -712,15 +728,16 @@ class _Scheduler:
         held = self._busy.get(key)
         if not held:
             return
-        nodes, level, end = held.pop(-1 if newest else 0)
+        nodes, level, _ = held.pop(-1 if newest else 0)
+        work = None if seconds is None else max(0.0, seconds - load)
         for node in nodes:
             node.active -= 1
-            node.due -= end
+            if work is not None:
+                node.worked += work
+                node.finished += 1
         if not held:
             del self._busy[key]
         if seconds is not None:
-            self._work[0] += max(0.0, seconds - load)
-            self._work[1] += 1
             learned = self._loads.setdefault(level, [0.0, 0])
             learned[0] += load
             learned[1] += 1
@@ -736,7 +753,7 @@ class _Scheduler:
     def forget(self, key):
         while key in self._busy:
             self.release(key)
-        for table in (self._last, self._before, self._reverse):
+        for table in (self._last, self._before, self._reverse, self._waiting):
             table.pop(key, None)
 
 
@@ -2016,6 +2033,7 @@ class Threadward:
         for worker in idle:
             if self._stopping or worker.retiring:
                 self._shut_down(worker)
+            # It may wait only while someone holds a task: an event is sure to come.
             elif self._send_task(worker, patient=any(other.queue for other in workers)):
                 worker.waiting = False
             elif len(self.scheduler):
@@ -2124,6 +2142,7 @@ class Threadward:
 
     def _shut_down(self, worker):
         worker.state = Worker.STOPPING
+        worker.waiting = False
         worker.send((SHUT_DOWN + "\n").encode())
 
     def _stop_all_workers(self):
@@ -2780,17 +2799,19 @@ class _WorkerProcess:
                    if not self._holds(name, value, nickname)]
         began = time.monotonic()
         released = False
-        for name, _, _ in changed:
-            if self.retained.pop(name, None) is not None and name in self.converters:
-                released = True
-        if released:
-            gc.collect()   # free the old model before the converter loads the new one
-        for name, value, nickname in changed:
-            converter = self.converters.get(name)
-            converted = converter(str(value), nickname) if converter else value
-            self.retained[name] = (value, nickname, converted)
-        if released or any(name in self.converters for name, _, _ in changed):
-            self.load_seconds = time.monotonic() - began   # the scheduler weighs moves by it
+        try:
+            for name, _, _ in changed:
+                if self.retained.pop(name, None) is not None and name in self.converters:
+                    released = True
+            if released:
+                gc.collect()   # free the old model before the converter loads the new one
+            for name, value, nickname in changed:
+                converter = self.converters.get(name)
+                converted = converter(str(value), nickname) if converter else value
+                self.retained[name] = (value, nickname, converted)
+        finally:
+            if released or any(name in self.converters for name, _, _ in changed):
+                self.load_seconds = time.monotonic() - began   # the scheduler weighs moves by it
         return {name: self.retained[name][2] for name, _, _ in variable_list}
 
 

@@ -710,8 +710,24 @@ def test_fresh_workers_start_on_different_top_level_values(project):
 
 
 WAIT_TASK = """
+import time
+
+DONE = _os.path.join(@DIR@, "big-done")
+
+
 def task_method(variables, task_folder, log_file):
     _log(_os.getpid(), "task", variables["model"], variables["item"])
+    if variables["model"] == "big":
+        time.sleep(0.05)
+        with open(DONE, "a") as stream:
+            stream.write("x")
+        return
+    # "small" ends only once "big" has measured tasks (bounded wait), so the
+    # scheduler knows what is left there when "small" runs out
+    deadline = time.time() + 30
+    while time.time() < deadline and (
+            not _os.path.exists(DONE) or _os.path.getsize(DONE) < 8):
+        time.sleep(0.01)
 """
 
 WAIT_VARIABLES = """
@@ -726,21 +742,21 @@ def model_to_value(string_value, nickname):
 
 def setup_variable_set(variable_set):
     variable_set.add_variable(name="model", values=["small", "big"])
-    variable_set.add_variable(name="item", values=list(range(30)),
+    variable_set.add_variable(name="item", values=list(range(14)),
                               exceptions={"small": [0, 1]})
 """
 
 
 def test_a_worker_does_not_load_a_model_for_the_last_few_tasks_of_a_busy_one(project):
-    # 3 workers, 2 models of 1.5 s loads: "small" has 2 tasks, "big" 30, so
-    # "big" gets two workers.  When "small" is done, "big" has some 28 tasks of
-    # a few ms left for two workers: loading it a third time would not pay,
-    # and that worker waits for the end instead.
-    project.write(task=source(project, WAIT_TASK), variables=source(project, WAIT_VARIABLES),
-                  resources=resources(3))
+    # 3 workers, 2 models of 1.5 s loads: "small" has 2 tasks, "big" 14, so
+    # "big" gets two workers.  When "small" is done, "big" has at most 4
+    # tasks of 0.05 s not started, for two workers: loading it a third time
+    # would not pay, and that worker waits for the end instead.
+    project.write(task=source(project, WAIT_TASK.replace("@DIR@", repr(project.dir))),
+                  variables=source(project, WAIT_VARIABLES), resources=resources(3))
     result = project.run()
     assert result.returncode == 0, console(result)
-    assert len(project.successful()) == 32
+    assert len(project.successful()) == 16
     events = read_events(project)
     loads = [(pid, model) for pid, kind, model, *_ in events if kind == "load"]
     assert len(loads) == len(set(loads)), loads      # nobody loads a model twice

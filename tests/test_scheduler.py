@@ -397,9 +397,9 @@ def test_a_worker_joins_a_busy_branch_when_its_load_pays_off():
     assert scheduler.assign("a") == (1, 199)
 
 
-def simulate_with_loads(tasks, workers, load, learn=True):
-    """Equal 1 s tasks; a task whose top-level value differs from its
-    worker's previous one costs ``load`` more.  ``learn``: the scheduler is
+def simulate_with_loads(tasks, workers, load, learn=True, duration=lambda task: 1.0):
+    """Tasks of ``duration`` (1 s); a task whose top-level value differs from
+    its worker's previous one costs ``load`` more.  ``learn``: the scheduler is
     told each task's seconds (else it never has a reason to wait).  Workers
     told to wait ask again after every event, as in the main loop.
     Returns ({worker: [task, ...]}, makespan)."""
@@ -419,8 +419,8 @@ def simulate_with_loads(tasks, workers, load, learn=True):
         held = history[worker]
         cost = load if not held or held[-1][0] != task[0] else 0.0
         held.append(task)
-        took[worker] = (1.0 + cost, cost)
-        heapq.heappush(events, (clock.now + 1.0 + cost, worker))
+        took[worker] = (duration(task) + cost, cost)
+        heapq.heappush(events, (clock.now + duration(task) + cost, worker))
 
     for worker in range(workers):
         start(worker)
@@ -450,14 +450,55 @@ def test_waiting_keeps_loads_within_the_bound_when_workers_outnumber_values(shap
     assert makespan <= blind_makespan
 
 
-def test_an_impatient_ask_joins_even_when_the_load_does_not_pay():
-    # the main loop asks so when no other worker holds a task: never all wait
+def test_a_worker_waits_at_most_as_long_as_its_load_or_while_no_one_works():
     clock = Clock()
     scheduler = _Scheduler(2, clock=clock)
     for task in [(0, 0)] + [(1, i) for i in range(10)]:
         scheduler.add(task)
     assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
     clock.now = 10.0
-    scheduler.release("a", seconds=10.0, load=9.9)
-    assert scheduler.assign("a") is None
+    for key in "ab":
+        scheduler.release(key, seconds=10.0, load=9.9)
+    assert scheduler.assign("b") == (1, 1)
+    assert scheduler.assign("a") is None     # 8 tasks of 0.1 s left for b
+    # the main loop asks so when no other worker holds a task: never all wait
     assert scheduler.assign("a", patient=False) == (1, 9)
+    # a fresh worker waits too, but no longer than the 9.9 s load it needs:
+    # by then b should have finished, or its task is stuck
+    assert scheduler.assign("c") is None
+    clock.now = 15.0
+    assert scheduler.assign("c") is None
+    clock.now = 20.0
+    assert scheduler.assign("c") == (1, 8)
+
+
+def test_a_worker_joins_a_branch_whose_task_time_is_unknown():
+    # waiting on a guess can cost far more than a load: "slow" has finished
+    # no task yet, so its tasks might be long, and the worker joins
+    clock = Clock()
+    scheduler = _Scheduler(2, clock=clock)
+    for task in [(0, i) for i in range(3)] + [(1, i) for i in range(4)]:
+        scheduler.add(task)
+    assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
+    for step in range(3):
+        clock.now += 1.0 if step else 10.0
+        scheduler.release("a", seconds=1.0 if step else 10.0, load=0.0 if step else 9.0)
+        if step < 2:
+            assert scheduler.assign("a") == (0, step + 1)
+    assert scheduler.assign("a") == (1, 3)
+
+
+@pytest.mark.parametrize("fast, slow", [((40, 0.005), (4, 3.0)), ((200, 0.5), (8, 20.0)),
+                                        ((1000, 0.5), (8, 60.0))])
+@pytest.mark.parametrize("workers", [2, 3, 6, 8])
+def test_waiting_does_not_slow_a_sweep_whose_models_differ_in_task_time(fast, slow, workers):
+    # the task time of each branch is its own: a slow model's tasks are not
+    # judged by a fast model's mean
+    tasks = [(0, i) for i in range(fast[0])] + [(1, i) for i in range(slow[0])]
+    seconds = {0: fast[1], 1: slow[1]}
+    for load in (1.5, 30.0):
+        _, makespan = simulate_with_loads(tasks, workers, load,
+                                          duration=lambda task: seconds[task[0]])
+        _, blind = simulate_with_loads(tasks, workers, load, learn=False,
+                                       duration=lambda task: seconds[task[0]])
+        assert makespan <= blind * 1.01, (load, makespan, blind)
