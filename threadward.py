@@ -620,7 +620,7 @@ class _Scheduler:
         self._before = {}    # key -> the one before that (see put_back)
         self._reverse = {}   # key -> True while it works from the far end of a shared branch
         # key -> [(nodes on the path of a task it holds, level it left the
-        #          previous prefix at, when it was given)], oldest first
+        #          previous prefix at, when it was given, the task)], oldest first
         self._busy = {}
         self._loads = {}     # level a move left the previous prefix at -> [seconds, count]
         self._waiting = {}   # key -> when it was first told to wait
@@ -654,7 +654,7 @@ class _Scheduler:
         node, path, nodes = self.root, [], [self.root]
         for index in last[:-1]:                       # keep the longest prefix
             child = node.children.get(index)
-            if child is None:
+            if child is None or not child.remaining:
                 break
             node = child
             path.append(index)
@@ -670,17 +670,16 @@ class _Scheduler:
             nodes.append(node)
         leaves = node.children
         path.append(leaves.pop() if reverse else leaves.popleft())
-        for level, member in enumerate(nodes):
+        for member in nodes:
             member.remaining -= 1
             member.active += 1
-            if not member.remaining and level:
-                del nodes[level - 1].children[path[level - 1]]
+        task = tuple(path)
         self._waiting.pop(key, None)
         self._before[key] = last
-        self._last[key] = tuple(path)
+        self._last[key] = task
         self._reverse[key] = reverse
-        self._busy.setdefault(key, []).append((nodes, kept, self.clock()))
-        return self._last[key]
+        self._busy.setdefault(key, []).append((nodes, kept, self.clock(), task))
+        return task
 
     def _worth_joining(self, key, node, level):
         """Whether worker ``key``, which must load from ``level`` down, should
@@ -699,7 +698,7 @@ class _Scheduler:
         load, work, now = learned[0] / learned[1], node.worked / node.finished, self.clock()
         left = node.remaining * work
         for held in self._busy.values():
-            for nodes, held_level, given in held:
+            for nodes, held_level, given, _ in held:
                 if len(nodes) > level + 1 and nodes[level + 1] is node:
                     learned = self._loads.get(held_level)
                     end = given + (learned[0] / learned[1] if learned else 0.0) + work
@@ -728,13 +727,20 @@ class _Scheduler:
         held = self._busy.get(key)
         if not held:
             return
-        nodes, level, _ = held.pop(-1 if newest else 0)
+        nodes, level, _, task = held.pop(-1 if newest else 0)
         work = None if seconds is None else max(0.0, seconds - load)
         for node in nodes:
             node.active -= 1
             if work is not None:
                 node.worked += work
                 node.finished += 1
+        # A branch goes when its last task is done, not when its last task is
+        # handed out: a task put back finds it with its workers still counted.
+        for depth in range(len(nodes) - 1, 0, -1):
+            node, parent = nodes[depth], nodes[depth - 1]
+            if node.active or node.remaining or parent.children.get(task[depth - 1]) is not node:
+                break
+            del parent.children[task[depth - 1]]
         if not held:
             del self._busy[key]
         if seconds is not None:

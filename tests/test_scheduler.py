@@ -324,6 +324,8 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
     assert sorted(handed) == sorted(tasks)
     assert len(scheduler) == 0
     assert scheduler.assign(next(next_key)) is None
+    if depth > 1:
+        assert not scheduler.root.children   # every branch went with its last task
 
 
 def test_a_task_queued_ahead_leaves_the_running_one_counted():
@@ -502,3 +504,28 @@ def test_waiting_does_not_slow_a_sweep_whose_models_differ_in_task_time(fast, sl
         _, blind = simulate_with_loads(tasks, workers, load, learn=False,
                                        duration=lambda task: seconds[task[0]])
         assert makespan <= blind * 1.01, (load, makespan, blind)
+
+
+def test_a_task_taken_back_finds_its_branch_still_worked_on():
+    # (0, 2) was queued behind (0, 1) and comes back unstarted at the end of
+    # the sweep: its branch still has a's running task, so b, which would
+    # need a 9.9 s load for a 0.1 s task, leaves it to a
+    clock = Clock()
+    scheduler = _Scheduler(2, clock=clock)
+    for task in [(0, 0), (0, 1), (0, 2), (1, 0)]:
+        scheduler.add(task)
+    assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
+    clock.now = 10.0
+    for key in "ab":
+        scheduler.release(key, seconds=10.0, load=9.9)
+    assert scheduler.assign("a") == (0, 1)
+    assert scheduler.assign("a", ahead=True) == (0, 2)
+    assert scheduler.assign("b") is None      # nothing left
+    scheduler.put_back("a", (0, 2))
+    assert scheduler.root.children[0].active == 1
+    assert scheduler.assign("b") is None      # waits: a is about to take it
+    clock.now = 10.1
+    scheduler.release("a", seconds=0.1)
+    assert scheduler.assign("a") == (0, 2)
+    scheduler.release("a", seconds=0.1)
+    assert scheduler.root.children == {} and len(scheduler) == 0
