@@ -609,7 +609,8 @@ class _Scheduler:
     It joins that branch only if the load it needs pays (``_worth_joining``,
     from the task and load seconds ``release`` learns); otherwise it gets
     None and waits, and asks again after the next event.
-    Every step is O(depth x branching), never a scan of the queue.
+    Every step is O(depth x branching) (plus, when a worker's branch ends and
+    every other is busy, a look at the tasks held), never a scan of the queue.
     """
 
     def __init__(self, depth, clock=time.monotonic):
@@ -623,7 +624,7 @@ class _Scheduler:
         #          previous prefix at, when it was given, the task)], oldest first
         self._busy = {}
         self._loads = {}     # level a move left the previous prefix at -> [seconds, count]
-        self._waiting = {}   # key -> when it was first told to wait
+        self._waiting = {}   # key told to wait -> when it joins anyway (see _worth_joining)
 
     def __len__(self):
         return self.root.remaining
