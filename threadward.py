@@ -591,6 +591,11 @@ class _Node:
         self.finished = 0   # how many were measured
 
 
+def _mean(pair):
+    """sum / count of a [sum, count] pair; None before any count."""
+    return pair[0] / pair[1] if pair and pair[1] else None
+
+
 def _seconds_per_worker(node, default):
     """The branch's work left per worker if one more joined (its own mean
     task time where it has one)."""
@@ -624,7 +629,6 @@ class _Scheduler:
         #          previous prefix at, when it was given, the task)], oldest first
         self._busy = {}
         self._loads = {}     # level a move left the previous prefix at -> [seconds, count]
-        self._waiting = {}   # key told to wait -> when it joins anyway (see _worth_joining)
 
     def __len__(self):
         return self.root.remaining
@@ -662,10 +666,11 @@ class _Scheduler:
             nodes.append(node)
         kept = len(path)
         while len(path) < self.depth - 1:             # choose below it
-            index, child, reverse = self._choose(node, reverse, at_root=not path)
-            if len(path) == kept and child.active and patient and \
-                    not self._worth_joining(key, child, kept):
+            chosen = self._choose(node, reverse, at_root=not path,
+                                  loading_from=kept if len(path) == kept and patient else None)
+            if chosen is None:
                 return None
+            index, child, reverse = chosen
             node = child
             path.append(index)
             nodes.append(node)
@@ -675,42 +680,18 @@ class _Scheduler:
             member.remaining -= 1
             member.active += 1
         task = tuple(path)
-        self._waiting.pop(key, None)
         self._before[key] = last
         self._last[key] = task
         self._reverse[key] = reverse
         self._busy.setdefault(key, []).append((nodes, kept, self.clock(), task))
         return task
 
-    def _worth_joining(self, key, node, level):
-        """Whether worker ``key``, which must load from ``level`` down, should
-        join the busy branch ``node`` (a child of its kept prefix): only if it
-        would finish the far-end task (its load, then one task) before the
-        branch's own workers would finish the branch (what their running
-        tasks have left, plus the tasks not started, shared among them).
-        Estimates are means measured so far.  Waiting wrongly can cost far
-        more than a load, so it joins while the branch's task time or the
-        load is unmeasured, and when the branch is still not done by the time
-        joining would have finished (the estimate was wrong, or a task is
-        stuck).  The scan of held tasks runs only here, when a branch ends."""
-        learned = self._loads.get(level)
-        if not node.finished or not learned or not learned[0]:
-            return True
-        load, work, now = learned[0] / learned[1], node.worked / node.finished, self.clock()
-        left = node.remaining * work
-        for held in self._busy.values():
-            for nodes, held_level, given, _ in held:
-                if len(nodes) > level + 1 and nodes[level + 1] is node:
-                    learned = self._loads.get(held_level)
-                    end = given + (learned[0] / learned[1] if learned else 0.0) + work
-                    # Overdue: it may be long (durations are often heavy-tailed);
-                    # guess it needs as long again as it has run past its end.
-                    left += end - now if end > now else max(work, now - end)
-        if load + work < left / node.active:
-            return True
-        return now >= self._waiting.setdefault(key, now + load + work)
-
-    def _choose(self, node, reverse, at_root):
+    def _choose(self, node, reverse, at_root, loading_from=None):
+        """(index, child, reverse) of the branch of ``node`` to go into: the
+        first with no worker (the last, working from the far end); else a busy
+        one, the most work per worker first, from its far end.  With
+        ``loading_from`` (the level the worker must load from to get there),
+        only a busy branch worth that load: None if there is none."""
         children = node.children
         order = reversed(children) if reverse and not at_root else children
         for index in order:
@@ -718,8 +699,54 @@ class _Scheduler:
             if not child.active:
                 return index, child, reverse and not at_root
         overall = self.root.worked / self.root.finished if self.root.finished else 1.0
-        index = max(children, key=lambda i: _seconds_per_worker(children[i], overall))
-        return index, children[index], True
+        # A branch whose last tasks are running stays until they end: not into it.
+        busy = [i for i in children if children[i].remaining]
+        if loading_from is None:
+            index = max(busy, key=lambda i: _seconds_per_worker(children[i], overall))
+            return index, children[index], True
+        busy.sort(key=lambda i: _seconds_per_worker(children[i], overall), reverse=True)
+        running = self._running_time_left(node, loading_from)
+        for index in busy:
+            if self._worth_joining(children[index], loading_from, running.get(index, 0.0)):
+                return index, children[index], True
+        return None
+
+    def _running_time_left(self, node, level):
+        """{child index: the time its held tasks have left} for the children
+        of ``node``, the node at ``level``; estimated from means, and an
+        overdue task is guessed to need as long again as it has run past its
+        expected end (durations are often heavy-tailed, and a stuck task must
+        not keep the others waiting for good)."""
+        now, left = self.clock(), {}
+        for held in self._busy.values():
+            for nodes, held_level, given, task in held:
+                if len(nodes) > level + 1 and nodes[level] is node:
+                    child = nodes[level + 1]
+                    work = child.worked / child.finished if child.finished else 0.0
+                    end = given + (_mean(self._loads.get(held_level)) or 0.0) + work
+                    index = task[level]
+                    left[index] = left.get(index, 0.0) + (
+                        end - now if end > now else max(work, now - end))
+        return left
+
+    def _worth_joining(self, node, level, running):
+        """Whether a worker that must load from ``level`` down should join the
+        busy branch ``node``: only if it would finish the far-end task (its
+        load, then one task) before the branch's own workers would finish the
+        branch (their ``running`` time left, the tasks not started, and the
+        loads of the sub-branches no one holds yet, shared among them).
+        Waiting wrongly can cost far more than a load, so it joins while the
+        branch's task time or the load is unmeasured."""
+        load = _mean(self._loads.get(level))
+        if not node.finished or not load:
+            return True
+        work = node.worked / node.finished
+        left = running + node.remaining * work
+        if isinstance(node.children, dict):
+            untouched = sum(1 for child in node.children.values()
+                            if child.remaining and not child.active)
+            left += untouched * (_mean(self._loads.get(level + 1)) or 0.0)
+        return load + work < left / node.active
 
     def release(self, key, newest=False, seconds=None, load=0.0):
         """The (oldest) task of worker ``key`` has ended (succeeded, failed or
@@ -760,7 +787,7 @@ class _Scheduler:
     def forget(self, key):
         while key in self._busy:
             self.release(key)
-        for table in (self._last, self._before, self._reverse, self._waiting):
+        for table in (self._last, self._before, self._reverse):
             table.pop(key, None)
 
 
@@ -2036,17 +2063,20 @@ class Threadward:
         workers = list(self._workers.values())
         # Idle workers first: they wait, busy ones do not.  Those told to wait
         # ask last, so a worker that has just answered keeps its own branch.
+        # A worker may wait for a task worth its load only while another holds
+        # one (an event is then sure to come); it asks again at every pass,
+        # which the sample timer makes at least every STATUS_INTERVAL.
         idle = sorted((w for w in workers if w.state == Worker.IDLE), key=lambda w: w.waiting)
+        holding = idle and any(worker.queue for worker in workers)
         for worker in idle:
             if self._stopping or worker.retiring:
                 self._shut_down(worker)
-            # It may wait only while someone holds a task: an event is sure to come.
-            elif self._send_task(worker, patient=any(other.queue for other in workers)):
+            elif self._send_task(worker, patient=holding):
                 worker.waiting = False
-            elif len(self.scheduler):
-                worker.waiting = True     # it asks again after the next event
-            elif not self._take_back_queued():
-                self._shut_down(worker)   # nothing left, here or queued elsewhere
+            else:
+                worker.waiting = bool(len(self.scheduler))
+                if not worker.waiting and not self._take_back_queued():
+                    self._shut_down(worker)   # nothing left, here or queued elsewhere
         for worker in workers:
             if worker.state == Worker.BUSY and self._queues_ahead(worker):
                 self._send_task(worker)
