@@ -175,6 +175,10 @@ QUEUE_AHEAD_BELOW = 0.1
 # How often a worker busy with a task looks for a CANCEL of the task queued
 # behind it (a thread's timed wait; between tasks it looks at once).
 CANCEL_CHECK_INTERVAL = 1.0
+# A worker told that no remaining task is worth its load asks again after
+# this many seconds at the earliest (each ask looks at every task held; with
+# many workers and short tasks, asking at every event would load the loop).
+WAIT_RECHECK = 0.1
 # Status file and monitoring refresh.
 STATUS_INTERVAL = 2.0
 NVIDIA_SMI_TIMEOUT = 10.0
@@ -1441,7 +1445,7 @@ class Worker:
         self.cancelling = set()       # IDs of queued tasks a CANCEL line is taking back
         self.last_seconds = None      # how long its last task took (the worker's clock)
         self.retiring = False         # `remove N`: no new task, then SHUT_DOWN
-        self.waiting = False          # idle: no remaining task is worth its load now
+        self.waiting = None           # idle, no task worth its load: when it asks again
         self.terminated = False       # SIGTERM from outside ended its task
         self.timed_out = None         # the task TASK_TIMEOUT ended it for
         self.fatal = None             # start-up traceback sent by the worker
@@ -2064,18 +2068,25 @@ class Threadward:
         # Idle workers first: they wait, busy ones do not.  Those told to wait
         # ask last, so a worker that has just answered keeps its own branch.
         # A worker may wait for a task worth its load only while another holds
-        # one (an event is then sure to come); it asks again at every pass,
-        # which the sample timer makes at least every STATUS_INTERVAL.
-        idle = sorted((w for w in workers if w.state == Worker.IDLE), key=lambda w: w.waiting)
+        # one (an event is then sure to come); it asks again at the first pass
+        # WAIT_RECHECK after, and the sample timer makes a pass at least every
+        # STATUS_INTERVAL.
+        idle = sorted((w for w in workers if w.state == Worker.IDLE),
+                      key=lambda w: w.waiting is not None)
         holding = idle and any(worker.queue for worker in workers)
+        now = time.monotonic()
         for worker in idle:
             if self._stopping or worker.retiring:
                 self._shut_down(worker)
+            elif worker.waiting is not None and now < worker.waiting and len(self.scheduler):
+                continue
             elif self._send_task(worker, patient=holding):
-                worker.waiting = False
+                worker.waiting = None
+            elif len(self.scheduler):
+                worker.waiting = now + WAIT_RECHECK
             else:
-                worker.waiting = bool(len(self.scheduler))
-                if not worker.waiting and not self._take_back_queued():
+                worker.waiting = None
+                if not self._take_back_queued():
                     self._shut_down(worker)   # nothing left, here or queued elsewhere
         for worker in workers:
             if worker.state == Worker.BUSY and self._queues_ahead(worker):
@@ -2179,7 +2190,7 @@ class Threadward:
 
     def _shut_down(self, worker):
         worker.state = Worker.STOPPING
-        worker.waiting = False
+        worker.waiting = None
         worker.send((SHUT_DOWN + "\n").encode())
 
     def _stop_all_workers(self):
@@ -2448,7 +2459,7 @@ class Threadward:
                 task_id = worker.task.task_id
                 state = "busy %s %s" % (_format_duration(time.monotonic() - worker.task.started),
                                         _elide(task_id, state_width - 13))
-            elif worker.waiting:
+            elif worker.waiting is not None:
                 state = "idle: no task worth a load"
             if worker.retiring:
                 state = "removing; " + state
