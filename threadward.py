@@ -594,6 +594,10 @@ class _Node:
         self.worked = 0.0   # seconds of its tasks measured so far, loads excluded
         self.finished = 0   # how many were measured
 
+    def task_seconds(self, default=None):
+        """The mean task time measured in this subtree (loads excluded)."""
+        return self.worked / self.finished if self.finished else default
+
 
 def _mean(pair):
     """sum / count of a [sum, count] pair; None before any count."""
@@ -603,8 +607,7 @@ def _mean(pair):
 def _seconds_per_worker(node, default):
     """The branch's work left per worker if one more joined (its own mean
     task time where it has one)."""
-    mean = node.worked / node.finished if node.finished else default
-    return node.remaining * mean / (node.active + 1)
+    return node.remaining * node.task_seconds(default) / (node.active + 1)
 
 
 class _Scheduler:
@@ -702,7 +705,7 @@ class _Scheduler:
             child = children[index]
             if not child.active:
                 return index, child, reverse and not at_root
-        overall = self.root.worked / self.root.finished if self.root.finished else 1.0
+        overall = self.root.task_seconds(1.0)
         # A branch whose last tasks are running stays until they end: not into it.
         busy = [i for i in children if children[i].remaining]
         if loading_from is None:
@@ -725,8 +728,7 @@ class _Scheduler:
         for held in self._busy.values():
             for nodes, held_level, given, task in held:
                 if len(nodes) > level + 1 and nodes[level] is node:
-                    child = nodes[level + 1]
-                    work = child.worked / child.finished if child.finished else 0.0
+                    work = nodes[level + 1].task_seconds(0.0)
                     end = given + (_mean(self._loads.get(held_level)) or 0.0) + work
                     index = task[level]
                     left[index] = left.get(index, 0.0) + (
@@ -741,10 +743,9 @@ class _Scheduler:
         loads of the sub-branches no one holds yet, shared among them).
         Waiting wrongly can cost far more than a load, so it joins while the
         branch's task time or the load is unmeasured."""
-        load = _mean(self._loads.get(level))
-        if not node.finished or not load:
+        load, work = _mean(self._loads.get(level)), node.task_seconds()
+        if not load or work is None:
             return True
-        work = node.worked / node.finished
         left = running + node.remaining * work
         if isinstance(node.children, dict):
             untouched = sum(1 for child in node.children.values()

@@ -455,7 +455,9 @@ def test_waiting_keeps_loads_within_the_bound_when_workers_outnumber_values(shap
     assert makespan <= blind_makespan
 
 
-def test_a_worker_waits_while_the_branch_works_and_joins_when_its_task_is_stuck():
+def a_waits_for_b():
+    """At t = 10: a's model is done; b works on the other, 8 tasks of 0.1 s
+    not started, and a would need a 9.9 s load to join it: a waits."""
     clock = Clock()
     scheduler = _Scheduler(2, clock=clock)
     for task in [(0, 0)] + [(1, i) for i in range(10)]:
@@ -465,7 +467,12 @@ def test_a_worker_waits_while_the_branch_works_and_joins_when_its_task_is_stuck(
     for key in "ab":
         scheduler.release(key, seconds=10.0, load=9.9)
     assert scheduler.assign("b") == (1, 1)
-    assert scheduler.assign("a") is None     # 8 tasks of 0.1 s left for b
+    assert scheduler.assign("a") is None
+    return clock, scheduler
+
+
+def test_a_worker_waits_while_the_branch_works_and_joins_when_its_task_is_stuck():
+    clock, scheduler = a_waits_for_b()
     # b's 0.1 s task has run 5 s: overdue, guessed to need as long again;
     # still less than a's 9.9 s load
     clock.now = 15.1
@@ -477,16 +484,7 @@ def test_a_worker_waits_while_the_branch_works_and_joins_when_its_task_is_stuck(
 
 def test_an_impatient_ask_joins_even_when_the_load_does_not_pay():
     # the main loop asks so when no other worker holds a task: never all wait
-    clock = Clock()
-    scheduler = _Scheduler(2, clock=clock)
-    for task in [(0, 0)] + [(1, i) for i in range(10)]:
-        scheduler.add(task)
-    assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
-    clock.now = 10.0
-    for key in "ab":
-        scheduler.release(key, seconds=10.0, load=9.9)
-    assert scheduler.assign("b") == (1, 1)
-    assert scheduler.assign("a") is None
+    _, scheduler = a_waits_for_b()
     assert scheduler.assign("a", patient=False) == (1, 9)
 
 
