@@ -455,17 +455,24 @@ def test_waiting_keeps_loads_within_the_bound_when_workers_outnumber_values(shap
     assert makespan <= blind_makespan
 
 
-def a_waits_for_b():
-    """At t = 10: a's model is done; b works on the other, 8 tasks of 0.1 s
-    not started, and a would need a 9.9 s load to join it: a waits."""
+def after_first_tasks(tasks):
+    """Workers a and b, started on models 0 and 1, have each run a first task
+    of a 9.9 s load and 0.1 s of work: (clock at t = 10, scheduler)."""
     clock = Clock()
     scheduler = _Scheduler(2, clock=clock)
-    for task in [(0, 0)] + [(1, i) for i in range(10)]:
+    for task in tasks:
         scheduler.add(task)
     assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
     clock.now = 10.0
     for key in "ab":
         scheduler.release(key, seconds=10.0, load=9.9)
+    return clock, scheduler
+
+
+def a_waits_for_b():
+    """At t = 10: a's model is done; b works on the other, 8 tasks of 0.1 s
+    not started, and a would need a 9.9 s load to join it: a waits."""
+    clock, scheduler = after_first_tasks([(0, 0)] + [(1, i) for i in range(10)])
     assert scheduler.assign("b") == (1, 1)
     assert scheduler.assign("a") is None
     return clock, scheduler
@@ -524,14 +531,7 @@ def test_a_task_taken_back_finds_its_branch_still_worked_on():
     # (0, 2) was queued behind (0, 1) and comes back unstarted at the end of
     # the sweep: its branch still has a's running task, so b, which would
     # need a 9.9 s load for a 0.1 s task, leaves it to a
-    clock = Clock()
-    scheduler = _Scheduler(2, clock=clock)
-    for task in [(0, 0), (0, 1), (0, 2), (1, 0)]:
-        scheduler.add(task)
-    assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
-    clock.now = 10.0
-    for key in "ab":
-        scheduler.release(key, seconds=10.0, load=9.9)
+    clock, scheduler = after_first_tasks([(0, 0), (0, 1), (0, 2), (1, 0)])
     assert scheduler.assign("a") == (0, 1)
     assert scheduler.assign("a", ahead=True) == (0, 2)
     assert scheduler.assign("b") is None      # nothing left
