@@ -599,11 +599,6 @@ class _Node:
         return self.worked / self.finished if self.finished else default
 
 
-def _mean(pair):
-    """sum / count of a [sum, count] pair; None before any count."""
-    return pair[0] / pair[1] if pair and pair[1] else None
-
-
 def _seconds_per_worker(node, default):
     """The branch's work left per worker if one more joined (its own mean
     task time where it has one)."""
@@ -718,6 +713,13 @@ class _Scheduler:
                 return index, children[index], True
         return None
 
+    def _load_seconds(self, level):
+        """The mean load of a move that leaves the previous prefix at
+        ``level`` (converting every changed value from there down); None
+        before one was measured."""
+        learned = self._loads.get(level)
+        return learned[0] / learned[1] if learned else None
+
     def _running_time_left(self, node, level):
         """{child index: the time its held tasks have left} for the children
         of ``node``, the node at ``level``; estimated from means, and an
@@ -729,7 +731,7 @@ class _Scheduler:
             for nodes, held_level, given, task in held:
                 if len(nodes) > level + 1 and nodes[level] is node:
                     work = nodes[level + 1].task_seconds(0.0)
-                    end = given + (_mean(self._loads.get(held_level)) or 0.0) + work
+                    end = given + (self._load_seconds(held_level) or 0.0) + work
                     index = task[level]
                     left[index] = left.get(index, 0.0) + (
                         end - now if end > now else max(work, now - end))
@@ -743,14 +745,14 @@ class _Scheduler:
         loads of the sub-branches no one holds yet, shared among them).
         Waiting wrongly can cost far more than a load, so it joins while the
         branch's task time or the load is unmeasured."""
-        load, work = _mean(self._loads.get(level)), node.task_seconds()
+        load, work = self._load_seconds(level), node.task_seconds()
         if not load or work is None:
             return True
         left = running + node.remaining * work
         if isinstance(node.children, dict):
             untouched = sum(1 for child in node.children.values()
                             if child.remaining and not child.active)
-            left += untouched * (_mean(self._loads.get(level + 1)) or 0.0)
+            left += untouched * (self._load_seconds(level + 1) or 0.0)
         return load + work < left / node.active
 
     def release(self, key, newest=False, seconds=None, load=0.0):
@@ -2104,7 +2106,6 @@ class Threadward:
         is left or (``patient``: others are working) none is worth its load."""
         indices = self.scheduler.assign(worker.worker_id, ahead=bool(worker.queue),
                                         patient=patient)
-
         if indices is None:
             return False
         task = self._task_of(indices)
@@ -2961,7 +2962,6 @@ def _end_new_children(before):
     if not before and not _has_children():
         return   # the common case, checked cheaply
     for _ in range(3):   # orphans of the ended ones come back to us as children
-
         new = _child_pids() - before
         if not new:
             return
