@@ -614,8 +614,10 @@ class _Scheduler:
     every branch is busy does it split the one with the fewest workers and the
     most work left, taking from the far end so the owner keeps its order.
     It joins that branch only if the load it needs pays (``_worth_joining``,
-    from the task and load seconds ``release`` learns); otherwise it gets
-    None and waits, and asks again after the next event.
+    from the task and load seconds ``release`` learns) and only while the
+    splits at that level leave room (``_may_split``: P + W - 1 loads at a
+    level of P prefixes with W workers, more when task times vary);
+    otherwise it gets None and waits, and asks again after the next event.
     Every step is O(depth x branching) (plus, when a worker's branch ends and
     every other is busy, a look at the tasks held), never a scan of the queue.
     """
@@ -631,6 +633,9 @@ class _Scheduler:
         #          previous prefix at, when it was given, the task)], oldest first
         self._busy = {}
         self._loads = {}     # level a move left the previous prefix at -> [seconds, count]
+        self._splits = [0] * depth   # per level: joins of a branch another worker was in
+        self._workers = set()        # every key ever given a task
+        self._spread = [0.0, 0]      # squared relative deviations of task times, count
 
     def __len__(self):
         return self.root.remaining
@@ -651,6 +656,7 @@ class _Scheduler:
         remain or (``patient``) none is worth its load now.  ``ahead``: the
         worker is still running its previous task (this one is queued behind
         it), which stays counted where it is."""
+        self._workers.add(key)
         if not ahead:
             while key in self._busy:
                 self.release(key)
@@ -667,12 +673,16 @@ class _Scheduler:
             path.append(index)
             nodes.append(node)
         kept = len(path)
+        splits = []
         while len(path) < self.depth - 1:             # choose below it
-            chosen = self._choose(node, reverse, at_root=not path,
-                                  loading_from=kept if len(path) == kept and patient else None)
+            chosen = self._choose(node, reverse, at_root=not path, level=len(path),
+                                  loading_from=kept if len(path) == kept and patient else None,
+                                  patient=patient)
             if chosen is None:
                 return None
             index, child, reverse = chosen
+            if child.active:
+                splits.append(len(path))
             node = child
             path.append(index)
             nodes.append(node)
@@ -681,6 +691,8 @@ class _Scheduler:
         for member in nodes:
             member.remaining -= 1
             member.active += 1
+        for level in splits:
+            self._splits[level] += 1
         task = tuple(path)
         self._before[key] = last
         self._last[key] = task
@@ -688,10 +700,11 @@ class _Scheduler:
         self._busy.setdefault(key, []).append((nodes, kept, self.clock(), task))
         return task
 
-    def _choose(self, node, reverse, at_root, loading_from=None):
-        """(index, child, reverse) of the branch of ``node`` to go into: the
-        first with no worker (the last, working from the far end); else a busy
-        one, the most work per worker first, from its far end.  With
+    def _choose(self, node, reverse, at_root, level=0, loading_from=None, patient=False):
+        """(index, child, reverse) of the branch of ``node`` (at ``level``) to
+        go into: the first with no worker (the last, working from the far
+        end); else a busy one, the most work per worker first, from its far
+        end.  ``patient``: None rather than a split past ``_may_split``.  With
         ``loading_from`` (the level the worker must load from to get there),
         only a busy branch worth that load: None if there is none."""
         children = node.children
@@ -700,6 +713,8 @@ class _Scheduler:
             child = children[index]
             if not child.active:
                 return index, child, reverse and not at_root
+        if patient and not self._may_split(level):
+            return None
         overall = self.root.task_seconds(1.0)
         # A branch whose last tasks are running stays until they end: not into it.
         busy = [i for i in children if children[i].remaining]
@@ -712,6 +727,19 @@ class _Scheduler:
             if self._worth_joining(children[index], loading_from, running.get(index, 0.0)):
                 return index, children[index], True
         return None
+
+    def _may_split(self, level):
+        """Whether one more worker may join a busy branch at ``level``.  Each
+        prefix is loaded once when first entered, and each join loads it once
+        more: at most W - 1 joins keeps a level of P prefixes within P + W - 1
+        loads, what cutting the sweep in W contiguous runs would take.  That
+        plan fits tasks of equal length; when task times vary, the last tasks
+        of a branch can run long, and joining it is how the sweep catches up,
+        so the allowance grows with the measured spread of task times."""
+        workers = len(self._workers)
+        count, total = self._spread[1], self._spread[0]
+        slack = int(workers * (total / count) ** 0.5) if count else 0
+        return self._splits[level] < workers - 1 + slack
 
     def _load_seconds(self, level):
         """The mean load of a move that leaves the previous prefix at
@@ -769,6 +797,8 @@ class _Scheduler:
             if work is not None:
                 node.worked += work
                 node.finished += 1
+        if work is not None:
+            self._note_spread(nodes[1] if len(nodes) > 1 else nodes[0], work)
         # A branch goes when its last task is done, not when its last task is
         # handed out: a task put back finds it with its workers still counted.
         for depth in range(len(nodes) - 1, 0, -1):
@@ -782,6 +812,14 @@ class _Scheduler:
             learned = self._loads.setdefault(level, [0.0, 0])
             learned[0] += load
             learned[1] += 1
+
+    def _note_spread(self, branch, work):
+        """How far a task's time was from its top-level branch's mean so far
+        (relative), squared: what ``_may_split`` reads the spread from."""
+        mean = branch.task_seconds()
+        if branch.finished > 1 and mean:
+            self._spread[0] += ((work - mean) / mean) ** 2
+            self._spread[1] += 1
 
     def put_back(self, key, indices):
         """Worker ``key`` never started the task it was given last: it waits
