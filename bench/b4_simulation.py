@@ -15,6 +15,12 @@ max((task work + LB load work) / W, longest task + its loads): no schedule
 beats it.  Three variants per shape and W: equal durations, random ones
 (exponential, mean 1), and random on a ragged sweep (a third of the lowest
 values dropped under each parent, as `exceptions` do).
+
+Then a grid of shapes (M models x 100 tasks, and M x 6 datasets x 10 seeds,
+for every M and W in a range) checks the bound P + W - 1 at every level for
+equal durations, and compares the makespan with the same scheduler without
+its join limit (``_may_split`` always yes), for equal durations, durations
+within 30 % of the mean, and lognormal ones (sigma 1), in the same run.
 """
 
 import heapq
@@ -48,17 +54,23 @@ def make_tasks(shape, rng, ragged):
     return tasks
 
 
-def simulate(shape, workers, durations, rng, ragged=False, patient=True):
+def simulate(shape, workers, durations, rng, ragged=False, patient=True, limit=True):
     tasks = make_tasks(shape, rng, ragged)
     depth = len(shape)
     costs = [LOAD_COSTS[k] if k < len(LOAD_COSTS) and k < depth - 1 else 0.0
              for k in range(depth)]
     if durations == "equal":
         length = dict.fromkeys(tasks, 1.0)
+    elif durations == "lognormal":   # heavy-tailed, sigma 1
+        length = {task: rng.lognormvariate(0.0, 1.0) for task in tasks}
+    elif durations == "jitter":   # within 30 % of the mean (CV 0.17)
+        length = {task: rng.uniform(0.7, 1.3) for task in tasks}
     else:   # heavy-tailed: exponential with mean 1
         length = {task: rng.expovariate(1.0) for task in tasks}
     clock = [0.0]
     scheduler = threadward._Scheduler(depth, clock=lambda: clock[0])
+    if not limit:   # the baseline: join whenever the load pays
+        scheduler._may_split = lambda level: True
     for task in tasks:
         scheduler.add(task)
     held = [None] * workers
@@ -110,8 +122,11 @@ def simulate(shape, workers, durations, rng, ragged=False, patient=True):
     work = sum(length.values()) + sum(c * b for c, b in zip(costs, lower))
     longest = max(length[t] + sum(costs) for t in tasks)
     ideal = max(work / workers, longest)
+    # P + W - 1 at every level above the last (the last level is every task)
+    within = all(loads[k] <= distinct[k] + workers - 1 for k in range(max(1, depth - 1)))
     return {"tasks": len(tasks), "loads": loads, "lower": lower,
-            "top_bound": shape[0] + workers - 1, "makespan": makespan, "ideal": ideal,
+            "top_bound": shape[0] + workers - 1, "within": within,
+            "makespan": makespan, "ideal": ideal,
             "us_per_task": 1e6 * spent / max(1, assignments)}
 
 
@@ -137,11 +152,53 @@ def contiguous_split(shape, workers):
     return top_loads, makespan
 
 
+def spans(numbers):
+    """[1, 2, 3, 5] -> '1..3, 5'."""
+    parts, start = [], None
+    for index, number in enumerate(numbers):
+        if start is None:
+            start = number
+        if index + 1 == len(numbers) or numbers[index + 1] != number + 1:
+            parts.append(str(start) if start == number else "%d..%d" % (start, number))
+            start = None
+    return ", ".join(parts)
+
+
+def grid(models, worker_counts, rng):
+    """Every M in ``models`` x W in ``worker_counts`` x (M, 100) and (M, 6, 10):
+    equal durations (within P + W - 1 at every level? makespan against the
+    scheduler without its join limit), jittered and lognormal ones (makespan,
+    same)."""
+    runs = over = 0
+    ratios = {name: [] for name in GRID_DURATIONS}
+    worst = dict.fromkeys(GRID_DURATIONS, (0.0, None))
+    for models_ in models:
+        for workers in worker_counts:
+            for shape in ((models_, 100), (models_, 6, 10)):
+                for durations in GRID_DURATIONS:
+                    state = rng.getstate()
+                    limited = simulate(shape, workers, durations, rng)
+                    rng.setstate(state)
+                    free = simulate(shape, workers, durations, rng, limit=False)
+                    ratio = limited["makespan"] / free["makespan"]
+                    ratios[durations].append(ratio)
+                    if ratio > worst[durations][0]:
+                        worst[durations] = (ratio, "%s W=%d" % (
+                            "x".join(map(str, shape)), workers))
+                    if durations == "equal":
+                        runs += 1
+                        over += not limited["within"]
+    return runs, over, ratios, worst
+
+
 SHAPES_FULL = [(3, 40), (8, 3, 10), (10, 100), (1, 1000), (100, 10), (1000,), (4, 4, 4, 4),
                (2, 2, 2, 2, 2, 2, 2), (20, 5, 20), (10, 100, 30)]
 SHAPES_QUICK = [(3, 40), (8, 3, 10), (10, 100), (1, 200), (100, 10), (4, 4, 4, 4)]
 WORKERS_FULL = (2, 4, 8, 16)
 WORKERS_QUICK = (2, 4, 8)
+GRID_DURATIONS = ("equal", "jitter", "lognormal")
+GRID_MODELS_FULL, GRID_MODELS_QUICK = list(range(1, 17)) + [20], list(range(1, 9))
+GRID_WORKERS_FULL, GRID_WORKERS_QUICK = range(2, 25), range(2, 13)
 VARIANTS = (("equal", False), ("random", False), ("random", True))
 
 
@@ -150,7 +207,7 @@ def main():
     shapes = common.pick(SHAPES_FULL, SHAPES_QUICK)
     worker_counts = common.pick(WORKERS_FULL, WORKERS_QUICK)
     rows = []
-    over_bound, over_random = [], 0
+    over_bound, over_random, levels_over = [], 0, 0
     worst = {variant: (0.0, None) for variant in VARIANTS}
     total_us, total_n = 0.0, 0
     joining = {variant: [] for variant in VARIANTS}   # (top loads, always joining, makespan ratio)
@@ -174,6 +231,7 @@ def main():
                     row[2] = result["tasks"]
                     row.append("%d/%d %s" % (loads[0], result["top_bound"],
                                              "ok" if top_ok else "OVER"))
+                    levels_over += not result["within"]
                     if not top_ok:
                         split_loads, split_makespan = contiguous_split(shape, workers)
                         over_bound.append(
@@ -193,18 +251,36 @@ def main():
             row.append(sum(us) / len(us))
             rows.append(row)
     runs = len(rows) * len(VARIANTS)
+    began = time.perf_counter()
+    grid_models = common.pick(GRID_MODELS_FULL, GRID_MODELS_QUICK)
+    grid_workers = common.pick(GRID_WORKERS_FULL, GRID_WORKERS_QUICK)
+    grid_runs, grid_over, grid_ratios, grid_worst = grid(grid_models, grid_workers, rng)
+    grid_seconds = time.perf_counter() - began
     notes = [
         "loads: count/LB per level (upper levels; load costs %s x the mean task); "
         "top: count/(M+W-1)" % " / ".join("%g" % c for c in LOAD_COSTS),
         "target: top-level loads <= M + W - 1 for equal durations: %s%s"
         % (common.verdict(not over_bound), " (over in %d of %d)" % (len(over_bound), len(rows))
-           if over_bound else ""),
+           if over_bound else " (%d of %d runs)" % (len(rows), len(rows))),
     ] + ["  %s" % over for over in over_bound] + [
+        "  at every level (P + W - 1, P = prefixes at the level): over in %d of %d runs"
+        % (levels_over, len(rows)),
+        "grid, M = %s x W = %d..%d x (M x 100, M x 6 x 10), equal durations: loads over "
+        "P + W - 1 at some level in %d of %d runs: %s (%.0f s)"
+        % (spans(grid_models), grid_workers[0], grid_workers[-1], grid_over,
+           grid_runs, common.verdict(not grid_over), grid_seconds),
+    ] + [
+        "  makespan vs the same scheduler without its join limit, %-10s x%.4f on average, "
+        "best x%.3f, worst x%.3f (%s)"
+        % (name + ":", sum(values) / len(values), min(values), max(values), grid_worst[name][1])
+        for name, values in grid_ratios.items()
+    ] + [
         "random durations (no target): top level over M + W - 1 in %d of %d runs"
         % (over_random, 2 * len(rows)),
         "worst makespan/ideal: equal %.2f (%s), random %.2f (%s), ragged %.2f (%s)"
         % tuple(x for v in VARIANTS for x in worst[v]),
-        "waiting for a load that pays vs joining at once (the same runs, same durations):",
+        "waiting (for a load that pays, within the join limit) vs joining at once "
+        "(the same runs, same durations):",
     ] + [
         "  %-6s %d vs %d top-level loads; makespan x%.2f on average, best x%.2f, worst x%.2f"
         % (name, sum(r[0] for r in runs_), sum(r[1] for r in runs_),
@@ -218,4 +294,4 @@ def main():
                  ["sweep", "W", "tasks", "equal: loads/LB", "top/(M+W-1)", "mk/ideal",
                   "random: loads/LB", "mk/ideal", "ragged: loads/LB", "mk/ideal",
                   "us/assign"], rows, notes)
-    return {"over_bound": over_bound, "worst": worst}
+    return {"over_bound": over_bound, "worst": worst, "grid_over": grid_over}
