@@ -614,10 +614,11 @@ class _Scheduler:
     every branch is busy does it split the one with the fewest workers and the
     most work left, taking from the far end so the owner keeps its order.
     It joins that branch only if the load it needs pays (``_worth_joining``,
-    from the task and load seconds ``release`` learns) and only while the
-    splits at that level leave room (``_may_split``: P + W - 1 loads at a
-    level of P prefixes with W workers, more when task times vary);
-    otherwise it gets None and waits, and asks again after the next event.
+    from the task and load seconds ``release`` learns) and while the joins
+    made at that level leave room (``_may_split``: W - 1 of them, so a level
+    of P prefixes is loaded at most P + W - 1 times, more when task times
+    vary); otherwise it gets None and waits, and asks again after the next
+    event.
     Every step is O(depth x branching) (plus, when a worker's branch ends and
     every other is busy, a look at the tasks held), never a scan of the queue.
     """
@@ -633,7 +634,7 @@ class _Scheduler:
         #          previous prefix at, when it was given, the task)], oldest first
         self._busy = {}
         self._loads = {}     # level a move left the previous prefix at -> [seconds, count]
-        self._splits = [0] * depth   # per level: joins of a branch another worker was in
+        self._splits = [0] * depth   # per level: joins of a branch another worker is in
         self._workers = set()        # every key ever given a task
         self._spread = [0.0, 0]      # squared relative deviations of task times, count
 

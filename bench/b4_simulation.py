@@ -271,8 +271,9 @@ def main():
            grid_runs, common.verdict(not grid_over), grid_seconds),
     ] + [
         "  makespan vs the same scheduler without its join limit, %-10s x%.4f on average, "
-        "best x%.3f, worst x%.3f (%s)"
-        % (name + ":", sum(values) / len(values), min(values), max(values), grid_worst[name][1])
+        "best x%.3f, worst x%.3f%s"
+        % (name + ":", sum(values) / len(values), min(values), max(values),
+           " (%s)" % grid_worst[name][1] if max(values) > 1.0 else " (never slower)")
         for name, values in grid_ratios.items()
     ] + [
         "random durations (no target): top level over M + W - 1 in %d of %d runs"
