@@ -583,7 +583,7 @@ def _task_id(folders, location):
 ###############################################################################
 
 class _Node:
-    __slots__ = ("children", "remaining", "active", "worked", "finished")
+    __slots__ = ("children", "remaining", "active", "worked", "finished", "longest", "entered")
 
     def __init__(self, leaf_level):
         # Above the last variable: {value index: _Node}, insertion-ordered.
@@ -591,8 +591,10 @@ class _Node:
         self.children = collections.deque() if leaf_level else {}
         self.remaining = 0
         self.active = 0   # tasks held by workers (running or queued) in this subtree
+        self.entered = False   # a worker has been given a task in it (so loaded it)
         self.worked = 0.0   # seconds of its tasks measured so far, loads excluded
         self.finished = 0   # how many were measured
+        self.longest = 0.0   # the longest of them
 
     def task_seconds(self, default=None):
         """The mean task time measured in this subtree (loads excluded)."""
@@ -615,10 +617,10 @@ class _Scheduler:
     most work left, taking from the far end so the owner keeps its order.
     It joins that branch only if the load it needs pays (``_worth_joining``,
     from the task and load seconds ``release`` learns) and while the joins
-    made at that level leave room (``_may_split``: W - 1 of them, so a level
+    made at that level leave room (``_may_join``: W - 1 of them, so a level
     of P prefixes is loaded at most P + W - 1 times, more when task times
-    vary); otherwise it gets None and waits, and asks again after the next
-    event.
+    vary, and always for a task that looks stuck); otherwise it gets None
+    and waits, and asks again after the next event.
     Every step is O(depth x branching) (plus, when a worker's branch ends and
     every other is busy, a look at the tasks held), never a scan of the queue.
     """
@@ -631,12 +633,14 @@ class _Scheduler:
         self._before = {}    # key -> the one before that (see put_back)
         self._reverse = {}   # key -> True while it works from the far end of a shared branch
         # key -> [(nodes on the path of a task it holds, level it left the
-        #          previous prefix at, when it was given, the task)], oldest first
+        #          previous prefix at, when it was given, the task,
+        #          levels at which taking it was a join)], oldest first
         self._busy = {}
         self._loads = {}     # level a move left the previous prefix at -> [seconds, count]
-        self._splits = [0] * depth   # per level: joins of a branch another worker is in
-        self._workers = set()        # every key ever given a task
+        self._joins = [0] * depth    # per level: entries into a branch already entered
+        self._workers = set()        # every key that asked: the W of P + W - 1
         self._spread = [0.0, 0]      # squared relative deviations of task times, count
+        self._steady = {}            # key -> its last task's seconds, if it kept its prefix
 
     def __len__(self):
         return self.root.remaining
@@ -674,16 +678,15 @@ class _Scheduler:
             path.append(index)
             nodes.append(node)
         kept = len(path)
-        splits = []
+        joins = []
         while len(path) < self.depth - 1:             # choose below it
-            chosen = self._choose(node, reverse, at_root=not path, level=len(path),
-                                  loading_from=kept if len(path) == kept and patient else None,
-                                  patient=patient)
+            chosen = self._choose(node, reverse, not path, len(path),
+                                  kept if len(path) == kept and patient else None, patient)
             if chosen is None:
                 return None
             index, child, reverse = chosen
-            if child.active:
-                splits.append(len(path))
+            if child.entered:
+                joins.append(len(path))
             node = child
             path.append(index)
             nodes.append(node)
@@ -692,33 +695,50 @@ class _Scheduler:
         for member in nodes:
             member.remaining -= 1
             member.active += 1
-        for level in splits:
-            self._splits[level] += 1
+            member.entered = True
+        for level in joins:
+            self._joins[level] += 1
         task = tuple(path)
         self._before[key] = last
         self._last[key] = task
         self._reverse[key] = reverse
-        self._busy.setdefault(key, []).append((nodes, kept, self.clock(), task))
+        self._busy.setdefault(key, []).append((nodes, kept, self.clock(), task, joins))
         return task
 
-    def _choose(self, node, reverse, at_root, level=0, loading_from=None, patient=False):
+    def kept(self, key):
+        """How many levels of worker ``key``'s previous task still have tasks
+        left: of several workers free at once, the longest asks first, so a
+        branch's own worker is back in it before another could find it free."""
+        node, length = self.root, 0
+        for index in self._last.get(key, ())[:-1]:
+            node = node.children.get(index)
+            if node is None or not node.remaining:
+                break
+            length += 1
+        return length
+
+    def _choose(self, node, reverse, at_root, level, loading_from, patient):
         """(index, child, reverse) of the branch of ``node`` (at ``level``) to
         go into: the first with no worker (the last, working from the far
         end); else a busy one, the most work per worker first, from its far
-        end.  ``patient``: None rather than a split past ``_may_split``.  With
-        ``loading_from`` (the level the worker must load from to get there),
-        only a busy branch worth that load: None if there is none."""
+        end.  ``patient``: past ``_may_join``, only a busy branch whose task
+        looks stuck.  With ``loading_from`` (the level the worker must load
+        from to get there), only a busy branch worth that load.  None if
+        there is none."""
         children = node.children
         order = reversed(children) if reverse and not at_root else children
         for index in order:
             child = children[index]
             if not child.active:
                 return index, child, reverse and not at_root
-        if patient and not self._may_split(level):
-            return None
         overall = self.root.task_seconds(1.0)
         # A branch whose last tasks are running stays until they end: not into it.
         busy = [i for i in children if children[i].remaining]
+        if patient and not self._may_join(level):
+            stuck = self._stuck(node, level)
+            busy = [i for i in busy if i in stuck]
+            if not busy:
+                return None
         if loading_from is None:
             index = max(busy, key=lambda i: _seconds_per_worker(children[i], overall))
             return index, children[index], True
@@ -729,7 +749,7 @@ class _Scheduler:
                 return index, children[index], True
         return None
 
-    def _may_split(self, level):
+    def _may_join(self, level):
         """Whether one more worker may join a busy branch at ``level``.  Each
         prefix is loaded once when first entered, and each join loads it once
         more: at most W - 1 joins keeps a level of P prefixes within P + W - 1
@@ -738,9 +758,30 @@ class _Scheduler:
         of a branch can run long, and joining it is how the sweep catches up,
         so the allowance grows with the measured spread of task times."""
         workers = len(self._workers)
-        count, total = self._spread[1], self._spread[0]
+        total, count = self._spread
         slack = int(workers * (total / count) ** 0.5) if count else 0
-        return self._splits[level] < workers - 1 + slack
+        return self._joins[level] < workers - 1 + slack
+
+    def _stuck(self, node, level):
+        """Indices of the children of ``node`` (at ``level``) holding a task
+        that has run twice as long as its load and the longest task of its
+        branch so far (of the sweep, if none): a hung task must not keep the
+        others off its branch for good, whatever the joins made so far.  (The
+        longest, not the mean: a first task that loads a model inside
+        task_method is long, not stuck.)"""
+        now, stuck = self.clock(), set()
+        # A load not yet measured at its level is guessed as the largest mean
+        # load measured (loading from a higher level converts more).
+        largest = max(map(self._load_seconds, self._loads), default=0.0)
+        for held in self._busy.values():
+            for nodes, held_level, given, task, _ in held:
+                if len(nodes) > level + 1 and nodes[level] is node:
+                    longest = nodes[level + 1].longest or self.root.longest
+                    load = self._load_seconds(held_level)
+                    load = largest if load is None else load
+                    if longest and now - given > 2 * (load + longest):
+                        stuck.add(task[level])
+        return stuck
 
     def _load_seconds(self, level):
         """The mean load of a move that leaves the previous prefix at
@@ -757,7 +798,7 @@ class _Scheduler:
         not keep the others waiting for good)."""
         now, left = self.clock(), {}
         for held in self._busy.values():
-            for nodes, held_level, given, task in held:
+            for nodes, held_level, given, task, _ in held:
                 if len(nodes) > level + 1 and nodes[level] is node:
                     work = nodes[level + 1].task_seconds(0.0)
                     end = given + (self._load_seconds(held_level) or 0.0) + work
@@ -787,19 +828,22 @@ class _Scheduler:
     def release(self, key, newest=False, seconds=None, load=0.0):
         """The (oldest) task of worker ``key`` has ended (succeeded, failed or
         died).  ``seconds``: how long it took, ``load`` of which went to
-        converting changed values."""
+        converting changed values.  Returns the levels at which taking it was
+        a join."""
         held = self._busy.get(key)
         if not held:
-            return
-        nodes, level, _, task = held.pop(-1 if newest else 0)
+            return ()
+        nodes, level, _, task, joins = held.pop(-1 if newest else 0)
         work = None if seconds is None else max(0.0, seconds - load)
         for node in nodes:
             node.active -= 1
             if work is not None:
                 node.worked += work
                 node.finished += 1
+                if work > node.longest:
+                    node.longest = work
         if work is not None:
-            self._note_spread(nodes[1] if len(nodes) > 1 else nodes[0], work)
+            self._note_spread(key, work if level == self.depth - 1 else None)
         # A branch goes when its last task is done, not when its last task is
         # handed out: a task put back finds it with its workers still counted.
         for depth in range(len(nodes) - 1, 0, -1):
@@ -813,19 +857,31 @@ class _Scheduler:
             learned = self._loads.setdefault(level, [0.0, 0])
             learned[0] += load
             learned[1] += 1
+        return joins
 
-    def _note_spread(self, branch, work):
-        """How far a task's time was from its top-level branch's mean so far
-        (relative), squared: what ``_may_split`` reads the spread from."""
-        mean = branch.task_seconds()
-        if branch.finished > 1 and mean:
-            self._spread[0] += ((work - mean) / mean) ** 2
+    def _note_spread(self, key, work):
+        """What ``_may_join`` reads the spread of task times from: the
+        difference of two tasks in a row by one worker with the same prefix,
+        relative to their mean (for independent times, half its square is
+        the squared coefficient of variation on average).  ``work`` is None
+        after a move: the first task of a prefix may carry one-off costs (a
+        model loaded inside task_method, say), and tasks under another prefix
+        may differ for a reason."""
+        previous = self._steady.get(key)
+        if work is None:
+            self._steady.pop(key, None)
+            return
+        self._steady[key] = work
+        if previous is not None and previous + work > 0:
+            self._spread[0] += 2 * ((work - previous) / (previous + work)) ** 2
             self._spread[1] += 1
 
     def put_back(self, key, indices):
         """Worker ``key`` never started the task it was given last: it waits
-        again, and the worker holds what its task before that left it."""
-        self.release(key, newest=True)
+        again, and the worker holds what its task before that left it (a
+        join it made to get it is undone: nothing was loaded)."""
+        for level in self.release(key, newest=True):
+            self._joins[level] -= 1
         self.add(indices)
         if self._last.get(key) == tuple(indices):
             self._last[key] = self._before.pop(key, ())
@@ -833,7 +889,7 @@ class _Scheduler:
     def forget(self, key):
         while key in self._busy:
             self.release(key)
-        for table in (self._last, self._before, self._reverse):
+        for table in (self._last, self._before, self._reverse, self._steady):
             table.pop(key, None)
 
 
@@ -2107,23 +2163,22 @@ class Threadward:
 
     def _assign_tasks(self):
         workers = list(self._workers.values())
-        # Idle workers first: they wait, busy ones do not.  Those told to wait
-        # ask last, so a worker that has just answered keeps its own branch.
-        # A worker may wait for a task worth its load only while another holds
-        # one (an event is then sure to come); it asks again at the first pass
-        # WAIT_RECHECK after, and the sample timer makes a pass at least every
-        # STATUS_INTERVAL.
-        idle = sorted((w for w in workers if w.state == Worker.IDLE),
-                      key=lambda w: w.waiting is not None)
+        # Idle workers first: they wait, busy ones do not.  A worker may wait
+        # for a task worth its load only while another holds one (an event is
+        # then sure to come, also when it was given in this pass); it asks
+        # again at the first pass WAIT_RECHECK after, and the sample timer
+        # makes a pass at least every STATUS_INTERVAL.
+        idle = [w for w in workers if w.state == Worker.IDLE]
         holding = idle and any(worker.queue for worker in workers)
         now = time.monotonic()
-        for worker in idle:
+        for worker in self._asking_order(idle):
             if self._stopping or worker.retiring:
                 self._shut_down(worker)
             elif worker.waiting is not None and now < worker.waiting and len(self.scheduler):
                 continue
             elif self._send_task(worker, patient=holding):
                 worker.waiting = None
+                holding = True
             elif len(self.scheduler):
                 worker.waiting = now + WAIT_RECHECK
             else:
@@ -2133,6 +2188,21 @@ class Threadward:
         for worker in workers:
             if worker.state == Worker.BUSY and self._queues_ahead(worker):
                 self._send_task(worker)
+
+    def _asking_order(self, idle):
+        """Those told to wait ask last; of those that have just answered, the
+        one with the most of its branch left asks first, again after each
+        ask (a task given may end another's branch): a branch's own workers
+        are back in it before another could find it free and join it
+        unchecked."""
+        answered = [worker for worker in idle if worker.waiting is None]
+        while answered:
+            worker = max(answered, key=lambda w: self.scheduler.kept(w.worker_id))
+            answered.remove(worker)
+            yield worker
+        for worker in idle:
+            if worker.waiting is not None:
+                yield worker
 
     def _queues_ahead(self, worker):
         return (len(worker.queue) == 1 and not worker.cancelling and not worker.retiring

@@ -1,6 +1,8 @@
 """B4 scheduling simulation: threadward._Scheduler on an event-driven clock.
 
-No processes: workers are heap entries.  A worker that gets a task pays a
+No processes: workers are heap entries, asked as the main loop asks them
+(results ending together are read in one pass; patience only while some
+worker holds a task).  A worker that gets a task pays a
 load at every level whose prefix (the values down to that level) differs
 from its previous task's, then the task's own duration.  (The real worker
 keeps a value that is equal across prefixes, so it can only load less.)
@@ -19,7 +21,7 @@ values dropped under each parent, as `exceptions` do).
 Then a grid of shapes (M models x 100 tasks, and M x 6 datasets x 10 seeds,
 for every M and W in a range) checks the bound P + W - 1 at every level for
 equal durations, and compares the makespan with the same scheduler without
-its join limit (``_may_split`` always yes), for equal durations, durations
+its join limit (``_may_join`` always yes), for equal durations, durations
 within 30 % of the mean, and lognormal ones (sigma 1), in the same run.
 """
 
@@ -70,7 +72,7 @@ def simulate(shape, workers, durations, rng, ragged=False, patient=True, limit=T
     clock = [0.0]
     scheduler = threadward._Scheduler(depth, clock=lambda: clock[0])
     if not limit:   # the baseline: join whenever the load pays
-        scheduler._may_split = lambda level: True
+        scheduler._may_join = lambda level: True
     for task in tasks:
         scheduler.add(task)
     held = [None] * workers
@@ -85,7 +87,8 @@ def simulate(shape, workers, durations, rng, ragged=False, patient=True, limit=T
     def start(worker, now):
         nonlocal spent, assignments
         began = time.perf_counter()
-        task = scheduler.assign(worker, patient=patient)
+        # as the main loop: patient only while some worker holds a task
+        task = scheduler.assign(worker, patient=patient and bool(heap))
         spent += time.perf_counter() - began
         assignments += 1
         if task is None:
@@ -107,15 +110,27 @@ def simulate(shape, workers, durations, rng, ragged=False, patient=True, limit=T
         start(worker, 0.0)
     makespan = 0.0
     while heap:
-        now, worker = heapq.heappop(heap)
+        # Results that end together are read in one pass of the main loop:
+        # all are released, then the freed workers ask, the one with the most
+        # of its branch left first (again after each ask), then those told to
+        # wait before (the real loop asks them again after every event).
+        now = heap[0][0]
         makespan = clock[0] = now
-        began = time.perf_counter()
-        scheduler.release(worker, seconds=took[worker][0], load=took[worker][1])
-        spent += time.perf_counter() - began
-        start(worker, now)
-        for again in waiting[:]:   # the real main loop asks again after every event
-            waiting.remove(again)
-            start(again, now)
+        freed = []
+        while heap and heap[0][0] == now:
+            _, worker = heapq.heappop(heap)
+            began = time.perf_counter()
+            scheduler.release(worker, seconds=took[worker][0], load=took[worker][1])
+            spent += time.perf_counter() - began
+            freed.append(worker)
+        again, waiting[:] = waiting[:], []
+        while freed:   # as Threadward._asking_order
+            worker = max(freed, key=scheduler.kept)
+            freed.remove(worker)
+            start(worker, now)
+        for worker in again:
+            start(worker, now)
+    assert not len(scheduler), "every worker waits with tasks left"
 
     distinct = [len({task[:level + 1] for task in tasks}) for level in range(depth)]
     lower = [max(d, len(used)) for d in distinct]

@@ -1,5 +1,7 @@
 """The main loop's timing and input handling (regressions found in review)."""
 
+import collections
+import itertools
 import selectors
 import subprocess
 import time
@@ -72,3 +74,87 @@ def setup_variable_set(variable_set):
     assert result.returncode == 1, result.stdout
     assert "quit: no new tasks" in result.stdout
     assert len(project.successful()) < 20
+
+
+class IdleWorker:
+    """What _assign_tasks reads of a worker, idle (no process)."""
+
+    def __init__(self, worker_id):
+        self.worker_id = worker_id
+        self.state = threadward.Worker.IDLE
+        self.waiting = None
+        self.retiring = False
+        self.queue = collections.deque()
+
+
+def loop_with(project, scheduler, worker_ids):
+    """A Threadward whose _assign_tasks runs over idle stand-in workers: each
+    ask goes to ``scheduler``; returns (runner, asks: [(id, patient, task)])."""
+    runner = threadward.Threadward(project.dir)
+    runner.scheduler = scheduler
+    runner._workers = {key: IdleWorker(key) for key in worker_ids}
+    asks = []
+
+    def send_task(worker, patient=True):
+        task = scheduler.assign(worker.worker_id, patient=patient)
+        asks.append((worker.worker_id, patient, task))
+        if task is None:
+            return False
+        worker.queue.append(task)
+        worker.state = threadward.Worker.BUSY
+        return True
+
+    runner._send_task = send_task
+    runner._queues_ahead = lambda worker: False
+    runner._take_back_queued = lambda: False
+    runner._shut_down = lambda worker: asks.append((worker.worker_id, None, "shut down"))
+    return runner, asks
+
+
+def test_a_worker_given_a_task_in_a_pass_makes_the_others_patient(project):
+    """holding was computed once per pass: when the last worker holding a task
+    had answered, every worker in the pass asked impatiently, and all of them
+    joined busy branches whatever the join limit."""
+    scheduler = threadward._Scheduler(2)
+    for task in itertools.product(range(2), range(7)):
+        scheduler.add(task)
+    runner, asks = loop_with(project, scheduler, [0, 1, 2])
+    runner._assign_tasks()
+    assert [(key, patient) for key, patient, _ in asks] == [(0, False), (1, True), (2, True)]
+
+
+def test_of_workers_free_at_once_the_one_whose_branch_has_tasks_asks_first(project):
+    """Two results read in one pass: the worker whose model still has tasks
+    asked after the one whose model was done, which found that model with no
+    worker in it, took it as free (an uncounted join), and the first came
+    back to it too."""
+    scheduler = threadward._Scheduler(2)
+    for task in [(0, 0), (0, 1), (0, 2), (1, 0)]:
+        scheduler.add(task)
+    assert scheduler.assign("owner") == (0, 0)
+    assert scheduler.assign("done") == (1, 0)
+    scheduler.release("owner", seconds=1.0)
+    scheduler.release("done", seconds=1.0)
+    assert scheduler.kept("owner") == 1 and scheduler.kept("done") == 0
+    runner, asks = loop_with(project, scheduler, ["done", "owner"])
+    runner._assign_tasks()
+    assert asks[0] == ("owner", False, (0, 1))
+    assert asks[1][:2] == ("done", True)
+
+
+def test_of_workers_free_at_once_the_order_is_decided_again_after_each_ask(project):
+    """a and c share model 0, b has model 1; all three answer in one pass.
+    Sorted once, c came before b; but a takes model 0's last task, so c
+    must move, and asking before b it found model 1 with no worker in it
+    and took b's next task."""
+    scheduler = threadward._Scheduler(2)
+    for task in [(0, i) for i in range(5)] + [(1, i) for i in range(3)]:
+        scheduler.add(task)
+    assert [scheduler.assign(key) for key in "abc"] == [(0, 0), (1, 0), (0, 4)]
+    assert [scheduler.assign(key) for key in "abc"] == [(0, 1), (1, 1), (0, 3)]
+    for key in "abc":
+        scheduler.release(key, seconds=1.0)
+    runner, asks = loop_with(project, scheduler, ["a", "c", "b"])
+    runner._assign_tasks()
+    assert [(key, task) for key, _, task in asks] == [
+        ("a", (0, 2)), ("b", (1, 2)), ("c", None), ("c", "shut down")]

@@ -290,6 +290,9 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
         if task is None:
             assert patient or not remaining   # the workers never all wait
             if remaining:
+                # nothing is learned here (no seconds), so the join limit is
+                # the only reason to wait
+                assert not all(scheduler._may_join(level) for level in range(depth - 1))
                 waiting.add(key)
             return
         assert task in remaining
@@ -307,6 +310,8 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
 
     for _ in range(workers):
         give(next(next_key))
+    history = {}          # key -> tasks it ran, for the bound
+    disturbed = False     # a task came back unstarted, or a worker died
     while busy or waiting:
         for key in sorted(waiting):
             waiting.discard(key)
@@ -316,6 +321,9 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
         key = data.draw(st.sampled_from(sorted(busy)))
         task = busy.pop(key)
         fate = data.draw(st.integers(0, 9))
+        disturbed = disturbed or fate >= 8
+        if fate < 9:
+            history.setdefault(key, []).append(task)
         if fate == 9:
             # a queued task comes back unstarted: it is handed out again later,
             # and its worker holds what the task before it left
@@ -338,6 +346,8 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
     assert scheduler.assign(next(next_key)) is None
     if depth > 1:
         assert not scheduler.root.children   # every branch went with its last task
+    if not disturbed:
+        assert_within_the_bound(history, tasks, workers)
 
 
 def test_a_task_queued_ahead_leaves_the_running_one_counted():
@@ -489,9 +499,12 @@ OVER_THE_BOUND_WHEN_JOINING_FREELY = [
 @pytest.mark.parametrize("learn", [True, False])
 def test_loads_stay_within_the_bound_at_every_level(shape, workers, learn):
     tasks = grid(*shape)
-    history, _ = simulate_with_loads(tasks, workers, load_costs(shape), learn=learn)
+    history, makespan = simulate_with_loads(tasks, workers, load_costs(shape), learn=learn)
     assert_each_task_once(history, tasks)
     assert_within_the_bound(history, tasks, workers)
+    if learn:   # waiting for a load that pays ends no later than joining at once
+        _, blind = simulate_with_loads(tasks, workers, load_costs(shape), learn=False)
+        assert makespan <= blind * 1.001, (makespan, blind)
 
 
 def load_costs(shape):
@@ -500,7 +513,7 @@ def load_costs(shape):
 
 
 def without_join_limit(monkeypatch):
-    monkeypatch.setattr(_Scheduler, "_may_split", lambda self, level: True)
+    monkeypatch.setattr(_Scheduler, "_may_join", lambda self, level: True)
 
 
 @pytest.mark.parametrize("shape, workers", OVER_THE_BOUND_WHEN_JOINING_FREELY[:5])
@@ -530,8 +543,9 @@ def test_varying_task_times_allow_more_joins(monkeypatch):
         return max(loads(history) for history, _ in results), sum(m for _, m in results)
 
     most_loads, makespans = sweep()
-    monkeypatch.setattr(_Scheduler, "_may_split",
-                        lambda self, level: self._splits[level] < len(self._workers) - 1)
+    monkeypatch.setattr(_Scheduler, "_may_join",
+                        lambda self, level: self._joins[level] < len(self._workers) - 1)
+    monkeypatch.setattr(_Scheduler, "_stuck", lambda self, node, level: set())
     strict_most_loads, strict_makespans = sweep()
     assert strict_most_loads <= 6 + 9 - 1 < most_loads
     assert makespans < strict_makespans * 0.98, (makespans, strict_makespans)
@@ -637,3 +651,73 @@ def test_waiting_does_not_slow_deeper_sweeps(shape, workers, loads):
     _, blind = simulate_with_loads(tasks, workers, loads, learn=False)
     assert_each_task_once(history, tasks)
     assert makespan <= blind * 1.01, (makespan, blind)
+
+
+def test_past_the_join_limit_a_worker_joins_only_a_branch_whose_task_is_stuck():
+    # a hung task must not keep the others off its branch for good
+    clock = Clock()
+    scheduler = _Scheduler(2, clock=clock)
+    for task in grid(1, 2) + [(1, i) for i in range(10)]:
+        scheduler.add(task)
+    assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
+    clock.now = 1.0
+    for key in "ab":
+        scheduler.release(key, seconds=1.0)
+    assert [scheduler.assign(key) for key in "ab"] == [(0, 1), (1, 1)]
+    clock.now = 2.0
+    scheduler.release("a", seconds=1.0)
+    scheduler._joins[0] = 5                 # the limit spent (as by earlier joins)
+    assert scheduler.assign("a") is None    # b's branch is busy, its task not late
+    clock.now = 2.9                         # b's 1 s task has run 1.9 s
+    assert scheduler.assign("a") is None
+    clock.now = 3.1                         # over twice the longest task: stuck
+    assert scheduler.assign("a") == (1, 9)
+
+
+def test_a_join_whose_task_comes_back_unstarted_is_not_counted():
+    scheduler = scheduler_for(grid(2, 10))
+    assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
+    assert scheduler.assign("c") == (0, 9)          # a join
+    assert scheduler._joins[0] == 1
+    scheduler.put_back("c", (0, 9))                  # never started: nothing loaded
+    assert scheduler._joins[0] == 0
+
+
+def test_entering_a_branch_another_worker_left_unfinished_counts_as_a_join():
+    # a worker died in it: the branch is free to take, and loaded once more
+    scheduler = scheduler_for(grid(2, 10))
+    assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
+    scheduler.forget("a")
+    assert scheduler.assign("c") == (0, 1)
+    assert scheduler._joins[0] == 1
+
+
+def test_kept_is_how_much_of_its_prefix_a_worker_finds_left():
+    scheduler = scheduler_for(grid(2, 2, 2))
+    assert scheduler.kept("new") == 0
+    assert scheduler.assign("a") == (0, 0, 0)
+    assert scheduler.kept("a") == 2
+    assert scheduler.assign("a") == (0, 0, 1)
+    assert scheduler.kept("a") == 1      # dataset (0, 0) is done, model 0 is not
+
+
+def test_a_first_move_at_a_level_is_not_stuck_while_its_load_is_unmeasured():
+    # a's dataset load has never been measured: its first task in dataset 1
+    # is judged with the model load measured (10 s), not as a 1 s task
+    clock = Clock()
+    scheduler = _Scheduler(3, clock=clock)
+    for task in grid(1, 2, 4):
+        scheduler.add(task)
+    assert scheduler.assign("a") == (0, 0, 0)
+    clock.now = 11.0
+    scheduler.release("a", seconds=11.0, load=10.0)
+    for seed in (1, 2, 3):
+        assert scheduler.assign("a") == (0, 0, seed)
+        clock.now += 1.0
+        scheduler.release("a", seconds=1.0)
+    assert scheduler.assign("a") == (0, 1, 0)   # given at t = 14
+    model = scheduler.root.children[0]
+    clock.now = 17.0
+    assert scheduler._stuck(model, 1) == set()
+    clock.now = 37.0                               # over 2 x (10 + 1) s
+    assert scheduler._stuck(model, 1) == {1}
