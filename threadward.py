@@ -633,10 +633,11 @@ class _Scheduler:
         self._before = {}    # key -> the one before that (see put_back)
         self._reverse = {}   # key -> True while it works from the far end of a shared branch
         # key -> [(nodes on the path of a task it holds, level it left the
-        #          previous prefix at, when it was given, the task,
-        #          levels at which taking it was a join)], oldest first
+        #          previous prefix at, when it was given (when it started, for
+        #          the oldest), the task, levels at which taking it was a
+        #          join, nodes first entered by it)], oldest first
         self._busy = {}
-        self._loads = {}     # level a move left the previous prefix at -> [seconds, count]
+        self._loads = {}     # level a move left the previous prefix at -> [seconds, count, longest]
         self._joins = [0] * depth    # per level: entries into a branch already entered
         self._workers = set()        # every key that asked: the W of P + W - 1
         self._spread = [0.0, 0]      # squared relative deviations of task times, count
@@ -692,6 +693,7 @@ class _Scheduler:
             nodes.append(node)
         leaves = node.children
         path.append(leaves.pop() if reverse else leaves.popleft())
+        firsts = [member for member in nodes if not member.entered]
         for member in nodes:
             member.remaining -= 1
             member.active += 1
@@ -702,7 +704,7 @@ class _Scheduler:
         self._before[key] = last
         self._last[key] = task
         self._reverse[key] = reverse
-        self._busy.setdefault(key, []).append((nodes, kept, self.clock(), task, joins))
+        self._busy.setdefault(key, []).append((nodes, kept, self.clock(), task, joins, firsts))
         return task
 
     def kept(self, key):
@@ -735,8 +737,8 @@ class _Scheduler:
         # A branch whose last tasks are running stays until they end: not into it.
         busy = [i for i in children if children[i].remaining]
         if patient and not self._may_join(level):
-            stuck = self._stuck(node, level)
-            busy = [i for i in busy if i in stuck]
+            rescue = self._rescue(node, level)
+            busy = [i for i in busy if i in rescue]
             if not busy:
                 return None
         if loading_from is None:
@@ -762,26 +764,40 @@ class _Scheduler:
         slack = int(workers * (total / count) ** 0.5) if count else 0
         return self._joins[level] < workers - 1 + slack
 
-    def _stuck(self, node, level):
-        """Indices of the children of ``node`` (at ``level``) holding a task
-        that has run twice as long as its load and the longest task of its
-        branch so far (of the sweep, if none): a hung task must not keep the
-        others off its branch for good, whatever the joins made so far.  (The
-        longest, not the mean: a first task that loads a model inside
-        task_method is long, not stuck.)"""
-        now, stuck = self.clock(), set()
-        # A load not yet measured at its level is guessed as the largest mean
-        # load measured (loading from a higher level converts more).
-        largest = max(map(self._load_seconds, self._loads), default=0.0)
+    def _rescue(self, node, level):
+        """Indices of the children of ``node`` (at ``level``) that a worker
+        may join past ``_may_join``: one whose running task looks hung
+        (``_overdue``; any, while no task has been measured) while no task
+        outside it is running as expected.  A
+        hung task must not keep the others off its branch for good, but a
+        slow one (a big model loading) must not draw them in while the rest
+        of the sweep goes on as planned."""
+        now, late, running = self.clock(), set(), set()
         for held in self._busy.values():
-            for nodes, held_level, given, task, _ in held:
-                if len(nodes) > level + 1 and nodes[level] is node:
-                    longest = nodes[level + 1].longest or self.root.longest
-                    load = self._load_seconds(held_level)
-                    load = largest if load is None else load
-                    if longest and now - given > 2 * (load + longest):
-                        stuck.add(task[level])
-        return stuck
+            for position, (nodes, held_level, started, task, _, _) in enumerate(held):
+                under = task[level] if len(nodes) > level + 1 and nodes[level] is node else None
+                if position == 0 and (not self.root.finished
+                                      or self._overdue(nodes, held_level, started, now)):
+                    if under is not None:
+                        late.add(under)
+                else:
+                    running.add(under)
+        return {index for index in late if running <= {index}}
+
+    def _overdue(self, nodes, level, started, now):
+        """Whether a task on the path ``nodes``, which left its worker's
+        previous prefix at ``level`` and started at ``started``, has run over
+        twice as long as expected: the longest task measured on its path; or,
+        if it loads, ten times the longest load measured plus the longest task
+        of the sweep (one prefix's load says little of another's: a big model
+        can take ten times a small one, and a load inside task_method counts
+        as task time).  Never while nothing is measured."""
+        if level < self.depth - 1:
+            loads = max((learned[2] for learned in self._loads.values()), default=0.0)
+            expected = 10 * loads + self.root.longest
+        else:
+            expected = next((node.longest for node in reversed(nodes) if node.longest), 0.0)
+        return bool(self.root.longest) and now - started > 2 * expected
 
     def _load_seconds(self, level):
         """The mean load of a move that leaves the previous prefix at
@@ -798,7 +814,7 @@ class _Scheduler:
         not keep the others waiting for good)."""
         now, left = self.clock(), {}
         for held in self._busy.values():
-            for nodes, held_level, given, task, _ in held:
+            for nodes, held_level, given, task, _, _ in held:
                 if len(nodes) > level + 1 and nodes[level] is node:
                     work = nodes[level + 1].task_seconds(0.0)
                     end = given + (self._load_seconds(held_level) or 0.0) + work
@@ -829,11 +845,13 @@ class _Scheduler:
         """The (oldest) task of worker ``key`` has ended (succeeded, failed or
         died).  ``seconds``: how long it took, ``load`` of which went to
         converting changed values.  Returns the levels at which taking it was
-        a join."""
+        a join and the nodes it entered first."""
         held = self._busy.get(key)
         if not held:
-            return ()
-        nodes, level, _, task, joins = held.pop(-1 if newest else 0)
+            return (), ()
+        nodes, level, _, task, joins, firsts = held.pop(-1 if newest else 0)
+        if held and not newest:   # the task queued behind it starts now
+            held[0] = held[0][:2] + (self.clock(),) + held[0][3:]
         work = None if seconds is None else max(0.0, seconds - load)
         for node in nodes:
             node.active -= 1
@@ -854,10 +872,11 @@ class _Scheduler:
         if not held:
             del self._busy[key]
         if seconds is not None:
-            learned = self._loads.setdefault(level, [0.0, 0])
+            learned = self._loads.setdefault(level, [0.0, 0, 0.0])
             learned[0] += load
             learned[1] += 1
-        return joins
+            learned[2] = max(learned[2], load)
+        return joins, firsts
 
     def _note_spread(self, key, work):
         """What ``_may_join`` reads the spread of task times from: the
@@ -880,8 +899,11 @@ class _Scheduler:
         """Worker ``key`` never started the task it was given last: it waits
         again, and the worker holds what its task before that left it (a
         join it made to get it is undone: nothing was loaded)."""
-        for level in self.release(key, newest=True):
+        joins, firsts = self.release(key, newest=True)
+        for level in joins:
             self._joins[level] -= 1
+        for node in firsts:
+            node.entered = bool(node.active)
         self.add(indices)
         if self._last.get(key) == tuple(indices):
             self._last[key] = self._before.pop(key, ())
@@ -2087,9 +2109,9 @@ class Threadward:
         worker.state = Worker.EXITED
         worker.deadline = None
         del self._workers[worker.worker_id]
+        self._put_back_queued(worker)   # first: what was queued undoes its joins
         self.scheduler.forget(worker.worker_id)
         reason = worker.exit_reason()
-        self._put_back_queued(worker)
         if worker.queue:
             task = worker.queue.popleft()
             self._record(task, False, "interrupted" if self._interrupting

@@ -266,7 +266,9 @@ def task_sets(draw):
 @given(task_sets(), st.integers(min_value=1, max_value=6), st.data())
 def test_every_task_handed_out_exactly_once(task_set, workers, data):
     depth, tasks = task_set
-    scheduler = scheduler_for(tasks, depth)
+    scheduler = _Scheduler(depth, clock=lambda: 0.0)
+    for task in tasks:
+        scheduler.add(task)
     remaining = set(tasks)
     busy = {}             # worker key -> its current task
     last = {}             # worker key -> its previous task (for live workers)
@@ -290,8 +292,9 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
         if task is None:
             assert patient or not remaining   # the workers never all wait
             if remaining:
-                # nothing is learned here (no seconds), so the join limit is
-                # the only reason to wait
+                # every task takes 1 s, loads nothing, on a clock that stands
+                # still (nothing looks stuck): the join limit is the only
+                # reason to wait
                 assert not all(scheduler._may_join(level) for level in range(depth - 1))
                 waiting.add(key)
             return
@@ -324,6 +327,8 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
         disturbed = disturbed or fate >= 8
         if fate < 9:
             history.setdefault(key, []).append(task)
+        if fate < 8:
+            scheduler.release(key, seconds=1.0)
         if fate == 9:
             # a queued task comes back unstarted: it is handed out again later,
             # and its worker holds what the task before it left
@@ -421,15 +426,18 @@ def test_a_worker_joins_a_busy_branch_when_its_load_pays_off():
     assert scheduler.assign("a") == (1, 199)
 
 
-def simulate_with_loads(tasks, workers, load, learn=True, duration=lambda task: 1.0):
+def simulate_with_loads(tasks, workers, load, weigh=True, duration=lambda task: 1.0):
     """Tasks of ``duration`` (1 s); a task whose top-level value differs from
     its worker's previous one costs ``load`` more (``load`` may be a pair:
-    the second is the cost when only the second-level value differs).  ``learn``: the scheduler is
-    told each task's seconds (else it never has a reason to wait).  Workers
-    told to wait ask again after every event, as in the main loop.
-    Returns ({worker: [task, ...]}, makespan)."""
+    the second is the cost when only the second-level value differs).  The
+    scheduler is told each task's seconds.  ``weigh``: it weighs whether a
+    load pays (else a worker joins a busy branch whenever the join limit
+    lets it: joining at once).  Workers told to wait ask again after every
+    event, as in the main loop.  Returns ({worker: [task, ...]}, makespan)."""
     clock = Clock()
     scheduler = _Scheduler(len(tasks[0]), clock=clock)
+    if not weigh:
+        scheduler._worth_joining = lambda node, level, running: True
     for task in tasks:
         scheduler.add(task)
     history = dict((w, []) for w in range(workers))
@@ -454,8 +462,7 @@ def simulate_with_loads(tasks, workers, load, learn=True, duration=lambda task: 
     while events:
         clock.now, worker = heapq.heappop(events)
         seconds, cost = took[worker]
-        if learn:
-            scheduler.release(worker, seconds=seconds, load=cost)
+        scheduler.release(worker, seconds=seconds, load=cost)
         start(worker)
         for again in list(waiting):
             waiting.remove(again)
@@ -496,14 +503,14 @@ OVER_THE_BOUND_WHEN_JOINING_FREELY = [
 
 @pytest.mark.parametrize("shape, workers", [((3, 40), 8), ((3, 40), 16), ((2, 30), 5),
                                             ((4, 4, 4), 6)] + OVER_THE_BOUND_WHEN_JOINING_FREELY)
-@pytest.mark.parametrize("learn", [True, False])
-def test_loads_stay_within_the_bound_at_every_level(shape, workers, learn):
+@pytest.mark.parametrize("weigh", [True, False])
+def test_loads_stay_within_the_bound_at_every_level(shape, workers, weigh):
     tasks = grid(*shape)
-    history, makespan = simulate_with_loads(tasks, workers, load_costs(shape), learn=learn)
+    history, makespan = simulate_with_loads(tasks, workers, load_costs(shape), weigh=weigh)
     assert_each_task_once(history, tasks)
     assert_within_the_bound(history, tasks, workers)
-    if learn:   # waiting for a load that pays ends no later than joining at once
-        _, blind = simulate_with_loads(tasks, workers, load_costs(shape), learn=False)
+    if weigh:   # waiting for a load that pays ends no later than joining at once
+        _, blind = simulate_with_loads(tasks, workers, load_costs(shape), weigh=False)
         assert makespan <= blind * 1.001, (makespan, blind)
 
 
@@ -545,7 +552,7 @@ def test_varying_task_times_allow_more_joins(monkeypatch):
     most_loads, makespans = sweep()
     monkeypatch.setattr(_Scheduler, "_may_join",
                         lambda self, level: self._joins[level] < len(self._workers) - 1)
-    monkeypatch.setattr(_Scheduler, "_stuck", lambda self, node, level: set())
+    monkeypatch.setattr(_Scheduler, "_rescue", lambda self, node, level: set())
     strict_most_loads, strict_makespans = sweep()
     assert strict_most_loads <= 6 + 9 - 1 < most_loads
     assert makespans < strict_makespans * 0.98, (makespans, strict_makespans)
@@ -618,7 +625,7 @@ def test_waiting_does_not_slow_a_sweep_whose_models_differ_in_task_time(fast, sl
     for load in (1.5, 30.0):
         _, makespan = simulate_with_loads(tasks, workers, load,
                                           duration=lambda task: seconds[task[0]])
-        _, blind = simulate_with_loads(tasks, workers, load, learn=False,
+        _, blind = simulate_with_loads(tasks, workers, load, weigh=False,
                                        duration=lambda task: seconds[task[0]])
         assert makespan <= blind * 1.01, (load, makespan, blind)
 
@@ -648,7 +655,7 @@ def test_waiting_does_not_slow_deeper_sweeps(shape, workers, loads):
     # a worker's own branch may need loads below too (a dataset under a model)
     tasks = grid(*shape)
     history, makespan = simulate_with_loads(tasks, workers, loads)
-    _, blind = simulate_with_loads(tasks, workers, loads, learn=False)
+    _, blind = simulate_with_loads(tasks, workers, loads, weigh=False)
     assert_each_task_once(history, tasks)
     assert makespan <= blind * 1.01, (makespan, blind)
 
@@ -701,9 +708,10 @@ def test_kept_is_how_much_of_its_prefix_a_worker_finds_left():
     assert scheduler.kept("a") == 1      # dataset (0, 0) is done, model 0 is not
 
 
-def test_a_first_move_at_a_level_is_not_stuck_while_its_load_is_unmeasured():
+def test_a_task_that_loads_is_not_stuck_before_ten_times_the_longest_load():
     # a's dataset load has never been measured: its first task in dataset 1
-    # is judged with the model load measured (10 s), not as a 1 s task
+    # is judged by the model load measured (10 s), ten times over (another
+    # prefix may load far slower), not as a 1 s task
     clock = Clock()
     scheduler = _Scheduler(3, clock=clock)
     for task in grid(1, 2, 4):
@@ -717,7 +725,60 @@ def test_a_first_move_at_a_level_is_not_stuck_while_its_load_is_unmeasured():
         scheduler.release("a", seconds=1.0)
     assert scheduler.assign("a") == (0, 1, 0)   # given at t = 14
     model = scheduler.root.children[0]
-    clock.now = 17.0
-    assert scheduler._stuck(model, 1) == set()
-    clock.now = 37.0                               # over 2 x (10 + 1) s
-    assert scheduler._stuck(model, 1) == {1}
+    clock.now = 37.0
+    assert scheduler._rescue(model, 1) == set()
+    clock.now = 217.0                              # 203 s: over 2 x (10 x 10 + 1) s
+    assert scheduler._rescue(model, 1) == {1}
+
+
+def test_a_slow_load_does_not_draw_a_worker_past_the_limit_while_others_run():
+    # model 1 loads for long (its load unmeasured, longer than model 0's),
+    # but c runs model 2 as expected: a waits rather than load model 1 too
+    clock = Clock()
+    scheduler = _Scheduler(2, clock=clock)
+    for task in [(0, 0), (0, 1)] + [(1, i) for i in range(10)] + [(2, i) for i in range(3)]:
+        scheduler.add(task)
+    assert [scheduler.assign(key) for key in "abc"] == [(0, 0), (1, 0), (2, 0)]
+    clock.now = 6.0
+    for key in "ac":
+        scheduler.release(key, seconds=6.0, load=5.0)
+    assert [scheduler.assign(key) for key in "ac"] == [(0, 1), (2, 1)]
+    clock.now = 7.0
+    scheduler.release("a", seconds=1.0)
+    scheduler._joins[0] = 5                     # the limit spent
+    clock.now = 20.0                             # b has loaded for 20 s, a's took 5
+    scheduler.release("c", seconds=13.0)         # c's task ran long, as tasks do
+    assert scheduler.assign("c") == (2, 2)       # and goes on as expected
+    assert scheduler.assign("a") is None
+    clock.now = 21.0
+    scheduler.release("c", seconds=1.0)
+    # nothing else runs now; b's task is judged by the longest load (5 s)
+    # ten times over and the longest task (13 s): stuck once it has run 126 s
+    assert scheduler.assign("a") is None
+    clock.now = 125.0
+    assert scheduler.assign("a") is None
+    clock.now = 126.5
+    assert scheduler.assign("a") == (1, 9)
+
+
+def test_a_task_queued_ahead_is_timed_from_its_start():
+    clock = Clock()
+    scheduler = _Scheduler(2, clock=clock)
+    for task in grid(1, 3):
+        scheduler.add(task)
+    assert scheduler.assign("a") == (0, 0)
+    assert scheduler.assign("a", ahead=True) == (0, 1)
+    clock.now = 5.0
+    scheduler.release("a", seconds=5.0)
+    assert scheduler._busy["a"][0][2] == 5.0     # it started when (0, 0) ended
+
+
+def test_a_task_queued_into_an_untouched_branch_and_taken_back_leaves_it_untouched():
+    scheduler = scheduler_for(grid(2, 1))
+    assert scheduler.assign("a") == (0, 0)
+    # a's model is done; it queues into model 1, untouched, and gets it back
+    assert scheduler.assign("a", ahead=True) == (1, 0)
+    scheduler.put_back("a", (1, 0))
+    assert not scheduler.root.children[1].entered
+    assert scheduler.assign("b") == (1, 0)
+    assert scheduler._joins[0] == 0              # b's entry is not a join
