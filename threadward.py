@@ -670,14 +670,8 @@ class _Scheduler:
             return None
         last = self._last.get(key, ())
         reverse = self._reverse.get(key, False)
-        node, path, nodes = self.root, [], [self.root]
-        for index in last[:-1]:                       # keep the longest prefix
-            child = node.children.get(index)
-            if child is None or not child.remaining:
-                break
-            node = child
-            path.append(index)
-            nodes.append(node)
+        nodes = self._kept_nodes(last)                # keep the longest prefix
+        path, node = list(last[:len(nodes) - 1]), nodes[-1]
         kept = len(path)
         joins = []
         while len(path) < self.depth - 1:             # choose below it
@@ -707,17 +701,22 @@ class _Scheduler:
         self._busy.setdefault(key, []).append((nodes, kept, self.clock(), task, joins, firsts))
         return task
 
+    def _kept_nodes(self, last):
+        """The root and the nodes of the longest prefix of the task ``last``
+        that still have tasks left."""
+        nodes = [self.root]
+        for index in last[:-1]:
+            child = nodes[-1].children.get(index)
+            if child is None or not child.remaining:
+                break
+            nodes.append(child)
+        return nodes
+
     def kept(self, key):
         """How many levels of worker ``key``'s previous task still have tasks
         left: of several workers free at once, the longest asks first, so a
         branch's own worker is back in it before another could find it free."""
-        node, length = self.root, 0
-        for index in self._last.get(key, ())[:-1]:
-            node = node.children.get(index)
-            if node is None or not node.remaining:
-                break
-            length += 1
-        return length
+        return len(self._kept_nodes(self._last.get(key, ()))) - 1
 
     def _choose(self, node, reverse, at_root, level, loading_from, patient):
         """(index, child, reverse) of the branch of ``node`` (at ``level``) to
@@ -768,10 +767,9 @@ class _Scheduler:
         """Indices of the children of ``node`` (at ``level``) that a worker
         may join past ``_may_join``: one whose running task looks hung
         (``_overdue``; any, while no task has been measured) while no task
-        outside it is running as expected.  A
-        hung task must not keep the others off its branch for good, but a
-        slow one (a big model loading) must not draw them in while the rest
-        of the sweep goes on as planned."""
+        outside it is running as expected.  A hung task must not keep the
+        others off its branch for good, but a slow one (a big model loading)
+        must not draw them in while the rest of the sweep goes on as planned."""
         now, late, running = self.clock(), set(), set()
         for held in self._busy.values():
             for position, (nodes, held_level, started, task, _, _) in enumerate(held):
