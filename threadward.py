@@ -182,8 +182,23 @@ WAIT_RECHECK = 0.1
 # Status file and monitoring refresh.
 STATUS_INTERVAL = 2.0
 NVIDIA_SMI_TIMEOUT = 10.0
+# A worker's exit (the user's and multiprocessing's exit handlers, threads
+# left running, a pool joining a dead child) gets this long before every
+# process of it is killed: exit handlers that flush and upload (wandb,
+# mlflow) have time, a hung one cannot keep the run from ending.
+EXIT_WAIT = 10.0
 # Log lines of a dead worker's task shown on the console.
 LOG_TAIL_LINES = 5
+
+# The thread-count variables of the numeric libraries (OpenMP, which PyTorch
+# uses, MKL, OpenBLAS, BLIS, Accelerate, numexpr, numba): each worker's are
+# set to its share of the cores, unless the user set them, as loky does for
+# its workers.  N workers each using every core slow each other down.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
+                    "NUMBA_NUM_THREADS")
+# PIN_CPUS: the cores a worker is pinned to, "0,1", read at its start.
+CPUS_ENV = "THREADWARD_CPUS"
 
 LAUNCHERS = ("local", "slurm", "ssh")
 # ssh never prompts, and gives up on a dead host instead of waiting minutes.
@@ -324,14 +339,6 @@ def _atomic_write(path, text):
     os.replace(temporary, path)
 
 
-def _kill_group(pid, sig):
-    """Signal a worker's whole process group; a group already gone is fine."""
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _one_line(text, limit=300):
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -352,6 +359,174 @@ def _display_path(path):
     except ValueError:
         return path
     return path if relative.startswith(".." + os.sep + "..") else relative
+
+
+###############################################################################
+# Helpers: processes ##########################################################
+###############################################################################
+
+# Both sides use these: the main process to end a worker's whole tree, a
+# worker to tell the processes it must keep from the strays of a task.
+
+def _kill_group(pid, sig):
+    """Signal a worker's whole process group; a group already gone is fine."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _become_subreaper():
+    """Linux: orphaned descendants of a task are re-parented to the worker, so
+    a double-forked background process is still found (and ended) at task end."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+    except Exception:
+        pass
+
+
+def _child_pids(pid="self"):
+    """PIDs of a process's children.  /proc/PID/task/*/children costs
+    microseconds; a psutil scan of every process is the fallback."""
+    try:
+        pids = set()
+        for thread in os.listdir("/proc/%s/task" % pid):
+            fd = os.open("/proc/%s/task/%s/children" % (pid, thread), os.O_RDONLY)
+            try:
+                pids.update(int(child) for child in os.read(fd, 65536).split())
+            finally:
+                os.close(fd)
+        return pids
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self/task"):
+            return set()   # the process is gone
+    except (OSError, ValueError):
+        pass
+    psutil = _import_psutil()
+    if psutil is None:
+        return set()
+    try:
+        return {p.pid for p in psutil.Process(None if pid == "self" else pid).children()}
+    except psutil.Error:
+        return set()
+
+
+def _has_children():
+    """False only if this process has no child at all: one waitid, where a
+    /proc scan costs ten system calls.  WNOWAIT leaves an exited child for
+    whoever waits for it."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+    except (AttributeError, OSError):   # no waitid here: assume there may be some
+        return True
+
+
+def _descendants(pids):
+    """``pids`` and every descendant of them, parents before children."""
+    found, stack, seen = [], list(pids), set()
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.add(pid)
+            found.append(pid)
+            stack.extend(_child_pids(pid))
+    return found
+
+
+def _kill_descendants(pid="self"):
+    """SIGKILL every descendant of ``pid`` (this process by default), those
+    in sessions and process groups of their own included; again while
+    orphans of the killed come back to a subreaper."""
+    for _ in range(3):
+        victims = _descendants(_child_pids(pid))
+        alive = False
+        for victim in victims:
+            try:
+                os.kill(victim, signal.SIGKILL)
+                alive = True
+            except OSError:
+                pass
+        if not alive:
+            return
+
+
+def _end_everything(code=1):
+    """(A worker.)  Kill every process under it, then itself, now."""
+    _kill_descendants()
+    os._exit(code)
+
+
+def _end_processes(pids, grace=KILL_WAIT):
+    """End ``pids`` and their descendants: SIGTERM, then SIGKILL for those
+    still there after ``grace`` seconds."""
+    psutil = _import_psutil()
+    if psutil is None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        return
+    left = []
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            left.extend([process] + process.children(recursive=True))
+        except psutil.Error:
+            pass
+    for process in left:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=grace)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+
+
+def _referenced_elsewhere(items):
+    """Those of ``items`` (a set) that something besides the set refers to.
+    The reference count of an object in the set alone is measured on the
+    same path, so the answer does not depend on the Python version."""
+    def counts(members):
+        return [(member, sys.getrefcount(member)) for member in tuple(members)]
+    (_, alone), = counts({object()})
+    return [member for member, count in counts(items) if count > alone]
+
+
+# Helper processes that a multiprocessing-family library starts once per
+# process and reuses for as long as the process lives: (module, object, pid).
+_POOL_HELPERS = (
+    ("multiprocessing.resource_tracker", "_resource_tracker", "_pid"),
+    ("multiprocessing.forkserver", "_forkserver", "_forkserver_pid"),
+    ("joblib.externals.loky.backend.resource_tracker", "_resource_tracker", "_pid"),
+    ("loky.backend.resource_tracker", "_resource_tracker", "_pid"),
+)
+
+
+def _pool_pids():
+    """PIDs of the processes that live multiprocessing objects of this
+    process still hold: each started Process not yet joined that some object
+    refers to (the workers of a Pool, a ProcessPoolExecutor, a DataLoader,
+    joblib's loky executor; a Process kept in a variable), and the resource
+    trackers and forkserver those libraries reuse."""
+    pids = set()
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None:
+        pids.update(p.pid for p in _referenced_elsewhere(process._children) if p.pid)
+    for module_name, holder, attribute in _POOL_HELPERS:
+        pid = getattr(getattr(sys.modules.get(module_name), holder, None), attribute, None)
+        if isinstance(pid, int):
+            pids.add(pid)
+    return pids
 
 
 ###############################################################################
@@ -1028,6 +1203,13 @@ def _gpu_list_setting(module, path, name):
     return [str(g).strip() for g in value]
 
 
+def _flag_setting(module, path, name):
+    value = getattr(module, name, False)
+    if not isinstance(value, bool):
+        raise ConfigError("%s = %r; use True or False" % (name, value), _setting_line(path, name))
+    return value
+
+
 def _gpus_per_worker(module, path):
     value = _number_setting(module, path, "NUM_GPUS_PER_WORKER", 0, 0)
     if value >= 1 and value != int(value):
@@ -1103,6 +1285,9 @@ class _Project:
         self.gpus_per_worker, self.workers_per_gpu = _gpus_per_worker(constraints, path)
         self.avoid_gpus = _gpu_list_setting(constraints, path, "AVOID_GPUS")
         self.include_gpus = _gpu_list_setting(constraints, path, "INCLUDE_GPUS")
+        self.cpus_per_worker = _number_setting(constraints, path, "CPUS_PER_WORKER", None, 1,
+                                               integer=True, allow_none=True)
+        self.pin_cpus = _flag_setting(constraints, path, "PIN_CPUS")
         self.constraints_path = path
         if not self.gpus_per_worker:   # a GPU sweep checks this with the GPUs found
             _check_gpu_overlap(self, "")
@@ -1131,6 +1316,10 @@ class _Project:
                 raise ConfigError("HOSTS entry %r; write \"host\" or \"host:N\" (N workers "
                                   "there)" % entry, _setting_line(path, "HOSTS"))
             self.hosts.append((host, int(count) if count else self.num_workers))
+        if self.pin_cpus and launcher != "local":
+            raise ConfigError("PIN_CPUS pins workers to cores of this machine; it works with "
+                              "LAUNCHER = \"local\" only (Slurm pins with --cpu-bind)",
+                              _setting_line(path, "PIN_CPUS"))
         if launcher == "ssh" and not self.hosts:
             raise ConfigError("LAUNCHER = \"ssh\" needs HOSTS, like [\"node1\", \"node2:4\"]",
                               _setting_line(path, "LAUNCHER"))
@@ -1326,6 +1515,48 @@ class _Launcher:
         # Anything but "local" puts a launcher between us and the worker: we
         # read its stderr, and the worker reports its own figures.
         self.indirect = self.kind != "local"
+        self.cpu_threads = 1       # each worker's thread count (plan_cpus)
+        self._cores = []           # the usable cores of this machine
+
+    def plan_cpus(self, workers):
+        """Each of ``workers`` gets CPUS_PER_WORKER threads, or its share of
+        the cores this process may use (inside a Slurm allocation: its CPUs
+        on this node), at least one."""
+        try:
+            self._cores = sorted(os.sched_getaffinity(0))
+        except AttributeError:   # not Linux
+            self._cores = list(range(os.cpu_count() or 1))
+        count = len(self._cores)
+        if os.environ.get("SLURM_CPUS_ON_NODE", "").isdigit():
+            count = min(count, int(os.environ["SLURM_CPUS_ON_NODE"]))
+        self.cpu_threads = self.project.cpus_per_worker or max(1, count // max(1, workers))
+
+    def cores_of(self, slot):
+        """PIN_CPUS: the cores of a slot, blocks of cpu_threads in turn."""
+        cores, size = self._cores, min(self.cpu_threads, len(self._cores))
+        start = slot * size % len(cores)
+        return (cores + cores)[start:start + size]
+
+    def cpu_summary(self):
+        """How the CPU is shared, for `show` and --dry-run."""
+        kept = [name for name in THREAD_VARIABLES if name in os.environ]
+        text = "%s per worker" % _plural(self.cpu_threads, "CPU thread")
+        if self.project.pin_cpus:
+            text += ", each pinned to cores of its own"
+        if kept:
+            text += " (%s as set: kept)" % ", ".join(
+                "%s=%s" % (name, os.environ[name]) for name in kept)
+        return text + ("; CPUS_PER_WORKER sets it" if not self.project.cpus_per_worker else "")
+
+    def worker_environment(self, worker):
+        """What a worker's environment adds: its GPUs and its CPU share."""
+        extra = {"CUDA_VISIBLE_DEVICES": ",".join(worker.gpus),
+                 "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        extra.update((name, str(self.cpu_threads)) for name in THREAD_VARIABLES
+                     if name not in os.environ)
+        if self.project.pin_cpus:
+            extra[CPUS_ENV] = ",".join(str(core) for core in self.cores_of(worker.slot))
+        return extra
 
     def check_available(self):
         import shutil
@@ -1370,7 +1601,8 @@ class _Launcher:
         """(argv, environment) that start ``worker``."""
         gpus = ",".join(worker.gpus)
         argv = _worker_argv(worker.worker_id, directory, report_stats=self.indirect)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+        extra = self.worker_environment(worker)
+        env = dict(os.environ, **extra)
         if self.kind == "slurm":
             count = self.project.gpus_per_worker
             step = ["srun", "--nodes=1", "--ntasks=1", "--job-name=threadward-%d"
@@ -1383,9 +1615,10 @@ class _Launcher:
             return step + self.project.slurm_options + argv, env
         if self.kind == "ssh":
             # ssh passes no environment and starts in $HOME: say everything.
-            remote = "cd %s && exec env CUDA_VISIBLE_DEVICES=%s CUDA_DEVICE_ORDER=PCI_BUS_ID %s" % (
-                shlex.quote(directory), shlex.quote(gpus), " ".join(
-                    shlex.quote(part) for part in [self.project.remote_python] + argv[1:]))
+            remote = "cd %s && exec env %s %s" % (
+                shlex.quote(directory),
+                " ".join(shlex.quote("%s=%s" % item) for item in sorted(extra.items())),
+                " ".join(shlex.quote(part) for part in [self.project.remote_python] + argv[1:]))
             return ["ssh"] + SSH_DEFAULTS + self.project.ssh_options + [worker.host, remote], env
         if self.kind == "command":
             prefix = [part.replace("{worker_id}", str(worker.worker_id)).replace("{gpus}", gpus)
@@ -1712,11 +1945,13 @@ class Threadward:
         previous = os.getcwd()
         os.chdir(self.project.directory)
         sys.path.insert(0, self.project.directory)
+        sys.path.append(self.project.config_dir)   # for spawned children, as in workers
         try:
             return self._run()
         finally:
             os.chdir(previous)
             sys.path.remove(self.project.directory)
+            sys.path.remove(self.project.config_dir)
 
     def _run(self):
         project = self.project
@@ -1770,6 +2005,7 @@ class Threadward:
         self._launcher = _Launcher(self.project)
         self._launcher.check_available()
         self._slots, self._starting, self._gpu_uuids = self._launcher.plan_slots()
+        self._launcher.plan_cpus(self._starting)
         self._free_slots = list(range(len(self._slots)))
 
     def _gpu_summary(self):
@@ -1893,11 +2129,14 @@ class Threadward:
             self._say("  %-40s %s" % (task.task_id, _display_path(task.folder)))
         if count > len(shown):
             self._say("  ... and %d more" % (count - len(shown)))
+        self._say("  CPU: %s" % self._launcher.cpu_summary())
         for number, slot in enumerate(self._slots[:self._starting]):
-            self._say("  worker %d%s: CUDA_VISIBLE_DEVICES=%s" % (
+            self._say("  worker %d%s: CUDA_VISIBLE_DEVICES=%s%s" % (
                 number, " on %s" % slot.host if slot.host else "",
                 "(chosen by Slurm)" if self._launcher.kind == "slurm" and
-                project.gpus_per_worker else ",".join(slot.gpus) or '""'))
+                project.gpus_per_worker else ",".join(slot.gpus) or '""',
+                ", cores %s" % ",".join(map(str, self._launcher.cores_of(number)))
+                if project.pin_cpus else ""))
         reserve = len(self._slots) - self._starting
         if project.gpus_per_worker and reserve > 0:
             self._say("  %d more worker slots in reserve for `add`" % reserve)
@@ -2156,6 +2395,9 @@ class Threadward:
             self._say("%s; started worker %d in its place" % (reason, replacement.worker_id))
 
     def _kill_worker(self, worker):
+        if worker.poll() is None:
+            # Its descendants first: those in sessions of their own are not in its group.
+            _kill_descendants(worker.pid)
         worker.signal_group(signal.SIGKILL)
         if worker.process.stdout.closed and worker.poll() is None:
             # SIGKILL cannot be ignored; the reap after SIGCHLD finishes the job.
@@ -2575,6 +2817,7 @@ class Threadward:
             "tasks: %d succeeded, %d failed, %d skipped (done before), %d remaining of %d" % (
                 self.succeeded, self.failed, self.skipped, self.total - done,
                 self.total + self.skipped),
+            "CPU: %s" % self._launcher.cpu_summary(),
         ]
         # Remote workers show pid@host; the state column gives up the room.
         where_width = max([8] + [len(w.where()) for w in self._workers.values()])
@@ -2639,6 +2882,61 @@ class Threadward:
 # Worker mode (the child side) ################################################
 ###############################################################################
 
+class _Children:
+    """Who owns each child process of a worker, and the ending of the rest.
+
+    * Started while a converter ran: the retained value's.  It lives while
+      the value is kept; when the value is dropped (before the next
+      converter runs) and at exit, what is left of it is ended.
+    * Started by before_each_worker: the worker's, until it exits.
+    * Held by a live multiprocessing object (a Pool or ProcessPoolExecutor
+      in a module global, DataLoader workers, joblib's loky executor, their
+      resource trackers): that object's, reused by the next task.
+    * Anything else a task leaves running is a stray, ended when it returns.
+
+    The worker is a subreaper, so descendants that left their parent (double
+    forks, new sessions) come back to it as children and are found too.
+    """
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.of_worker = set()   # started by before_each_worker
+        self.of_value = {}       # variable name -> PIDs its converter started
+        self.helpers = set()     # nvidia-smi of the stats thread, while it runs
+
+    def owned(self):
+        pids = self.of_worker | self.helpers | _pool_pids()
+        for value_pids in self.of_value.values():
+            pids |= value_pids
+        return pids
+
+    def started_by(self, name, before):
+        """The converter of ``name`` has returned: what it started is its value's."""
+        self.of_value[name] = _child_pids() - before - self.helpers
+
+    def drop_value(self, name):
+        """The value of ``name`` is dropped: end what its converter started."""
+        pids = self.of_value.pop(name, set()) & _child_pids()
+        if pids:
+            _end_processes(pids)
+
+    def end_strays(self):
+        """End every child no one owns (they may hold GPU memory or cores)."""
+        if not _has_children():
+            return   # the common case, checked cheaply
+        for _ in range(3):   # orphans of the ended ones come back to us as children
+            strays = _child_pids() - self.owned()
+            if not strays:
+                return
+            _end_processes(strays)
+
+    def end_all(self):
+        """(The last exit handler: the user's and multiprocessing's have run.)
+        Nothing of the worker's tree outlives it."""
+        if os.getpid() == self.pid and _has_children():
+            _end_processes(_child_pids())
+
+
 class _WorkerProcess:
     """Runs inside a worker subprocess: reads tasks, runs them, reports."""
 
@@ -2649,13 +2947,12 @@ class _WorkerProcess:
         self._send_lock = threading.Lock()
         self._sigterm_raises = False
         self._sigterm_pending = False
-        self._helper_pids = set()     # nvidia-smi of the stats thread: not the task's
         self.retained = {}            # variable name -> (value, nickname, converted)
         self.load_seconds = 0.0       # spent converting changed values for this task
         self._hooks = {}              # hook name -> the user's function, or None
         self._libc = None
         self._streams = None          # our sys.stdin, sys.stdout, sys.stderr
-        self._worker_children = set()  # started by before_each_worker: they may stay
+        self.children = _Children()   # who owns each child process
 
     # -- the private protocol channel ---------------------------------------
 
@@ -2723,6 +3020,7 @@ class _WorkerProcess:
     def run(self):
         self.claim_channel()
         _become_subreaper()
+        os.register_at_fork(after_in_child=self._forget_in_child)
         try:
             os.setpgrp()   # a task's processes share our group: one killpg ends them all
         except OSError:
@@ -2731,12 +3029,15 @@ class _WorkerProcess:
         try:
             os.chdir(self.project.directory)
             sys.path.insert(0, self.project.directory)
+            # Spawned and forkserver children (multiprocessing, loky, a DataLoader)
+            # import the functions of the project files by their module names.
+            sys.path.append(self.project.config_dir)
             self.project.load_task_module()
             self.project.load_variable_module()
             self.converters = self.project.converters()
             self.spec = self.project.task_module
             self._call_hook("before_each_worker", self.worker_id)
-            self._worker_children = _child_pids()
+            self.children.of_worker = _child_pids()
         except BaseException as exc:
             traceback.print_exc()
             error = str(exc) if isinstance(exc, ConfigError) else traceback.format_exc()
@@ -2849,6 +3150,33 @@ class _WorkerProcess:
         self._lines.extend(self._buffer.feed(data))
         return bool(data)
 
+    def _forget_in_child(self):
+        """(In a process forked by a task: a fork pool, DataLoader workers.)
+        Nothing of the worker's goes with it: SIGTERM ends it as usual, and it
+        holds no end of the protocol channel."""
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except ValueError:
+            pass
+        for fd in (self.channel_in, self.channel_out):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def leave(self, code):
+        """Before the interpreter exits: the retained values go, and what
+        their converters started ends.  The exit (the user's and
+        multiprocessing's exit handlers, threads left running) then has
+        EXIT_WAIT seconds before every process of the worker is killed."""
+        self.retained.clear()
+        gc.collect()
+        for name in list(self.children.of_value):
+            self.children.drop_value(name)
+        timer = threading.Timer(EXIT_WAIT, _end_everything, args=(code,))
+        timer.daemon = True
+        timer.start()
+
     def _on_sigterm(self, signum, frame):
         if self._sigterm_raises:
             raise _Terminated()
@@ -2879,7 +3207,7 @@ class _WorkerProcess:
                 known = {pid: known[pid] for pid in pids if pid in known}
                 stats["cpu"], stats["rss"] = _tree_usage(psutil, pids, known)
             if os.environ.get("CUDA_VISIBLE_DEVICES"):
-                stats["gpu"] = _own_gpu_memory(pids, self._helper_pids)
+                stats["gpu"] = _own_gpu_memory(pids, self.children.helpers)
             if not self._send_quietly(stats):
                 return
 
@@ -2918,7 +3246,7 @@ class _WorkerProcess:
             success, reason = self._run_hooks(message["vars"], folder, log_file)
         finally:
             self._point_output(self.worker_log_fd)
-            _end_new_children(self._worker_children | self._helper_pids)
+            self.children.end_strays()
             if tee is None or tee.close():
                 os.close(log_fd)
         return self._result(message, success, reason, started)
@@ -2977,16 +3305,21 @@ class _WorkerProcess:
         changed = [(name, value, nickname) for name, value, nickname in variable_list
                    if not self._holds(name, value, nickname)]
         began = time.monotonic()
-        released = False
+        released = [name for name, _, _ in changed
+                    if self.retained.pop(name, None) is not None and name in self.converters]
         try:
-            for name, _, _ in changed:
-                if self.retained.pop(name, None) is not None and name in self.converters:
-                    released = True
             if released:
                 gc.collect()   # free the old model before the converter loads the new one
+                for name in released:
+                    self.children.drop_value(name)
+                self.children.end_strays()   # workers of pools the dropped objects held
             for name, value, nickname in changed:
                 converter = self.converters.get(name)
-                converted = converter(str(value), nickname) if converter else value
+                converted = value
+                if converter is not None:
+                    before = _child_pids()
+                    converted = converter(str(value), nickname)
+                    self.children.started_by(name, before)
                 self.retained[name] = (value, nickname, converted)
         finally:
             if released or any(name in self.converters for name, _, _ in changed):
@@ -3035,96 +3368,6 @@ def _make_folder(folder):
             raise
     except FileNotFoundError:
         os.makedirs(folder, exist_ok=True)
-
-
-def _become_subreaper():
-    """Linux: orphaned descendants of a task are re-parented to the worker, so
-    a double-forked background process is still found (and ended) at task end."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
-    except Exception:
-        pass
-
-
-def _child_pids(pid="self"):
-    """PIDs of a process's children.  /proc/PID/task/*/children costs
-    microseconds; a psutil scan of every process is the fallback."""
-    try:
-        pids = set()
-        for thread in os.listdir("/proc/%s/task" % pid):
-            fd = os.open("/proc/%s/task/%s/children" % (pid, thread), os.O_RDONLY)
-            try:
-                pids.update(int(child) for child in os.read(fd, 65536).split())
-            finally:
-                os.close(fd)
-        return pids
-    except FileNotFoundError:
-        if os.path.isdir("/proc/self/task"):
-            return set()   # the process is gone
-    except (OSError, ValueError):
-        pass
-    psutil = _import_psutil()
-    if psutil is None:
-        return set()
-    try:
-        return {p.pid for p in psutil.Process(None if pid == "self" else pid).children()}
-    except psutil.Error:
-        return set()
-
-
-def _has_children():
-    """False only if this process has no child at all: one waitid, where a
-    /proc scan costs ten system calls.  WNOWAIT leaves an exited child for
-    whoever waits for it."""
-    try:
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        return True
-    except ChildProcessError:
-        return False
-    except (AttributeError, OSError):   # no waitid here: assume there may be some
-        return True
-
-
-def _end_new_children(before):
-    """End processes a task started and left behind (they may hold GPU memory)."""
-    if not before and not _has_children():
-        return   # the common case, checked cheaply
-    for _ in range(3):   # orphans of the ended ones come back to us as children
-        new = _child_pids() - before
-        if not new:
-            return
-        _end_processes(new)
-
-
-def _end_processes(pids):
-    psutil = _import_psutil()
-    if psutil is None:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
-        return
-    left = []
-    for pid in pids:
-        try:
-            process = psutil.Process(pid)
-            left.extend([process] + process.children(recursive=True))
-        except psutil.Error:
-            pass
-    for process in left:
-        try:
-            process.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(left, timeout=KILL_WAIT)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
 
 
 class _Terminated(BaseException):
@@ -3179,18 +3422,6 @@ class _Watchdog:
             _end_everything()
 
 
-def _end_everything():
-    """Kill this worker and every process of its task, now."""
-    if os.getpgrp() == os.getpid():
-        os.killpg(os.getpid(), signal.SIGKILL)
-    for pid in _child_pids():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    os._exit(1)
-
-
 def _own_gpu_memory(pids, helper_pids):
     """Bytes of GPU memory used by ``pids``, from nvidia-smi (None if unknown).
     While it runs, nvidia-smi's PID is in ``helper_pids``, so that the end of
@@ -3212,10 +3443,25 @@ def _own_gpu_memory(pids, helper_pids):
     return sum(used for pid, used, _ in _compute_apps(output) if pid in pids)
 
 
+def _pin_cpus(cores):
+    """PIN_CPUS: run on the cores the main process chose ("0,1")."""
+    if cores:
+        try:
+            os.sched_setaffinity(0, [int(core) for core in cores.split(",")])
+        except (AttributeError, OSError, ValueError) as exc:
+            _stderr("could not pin the worker to cores %s: %s" % (cores, exc))
+
+
 def _worker_main(argv):
+    import atexit
     project_dir, worker_id = argv[0], int(argv[1])
-    return _WorkerProcess(project_dir, worker_id,
-                          report_stats="--report-stats" in argv[2:]).run()
+    _pin_cpus(os.environ.pop(CPUS_ENV, None))
+    worker = _WorkerProcess(project_dir, worker_id, report_stats="--report-stats" in argv[2:])
+    # Registered before any user code imports multiprocessing: it runs last.
+    atexit.register(worker.children.end_all)
+    code = worker.run()
+    worker.leave(code)
+    return code
 
 
 ###############################################################################
