@@ -3153,12 +3153,13 @@ class _WorkerProcess:
     def _forget_in_child(self):
         """(In a process forked by a task: a fork pool, DataLoader workers.)
         Nothing of the worker's goes with it: SIGTERM ends it as usual, and it
-        holds no end of the protocol channel."""
+        holds no end of the protocol channel nor the main process's stderr
+        (which would keep them open after the worker is gone)."""
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         except ValueError:
             pass
-        for fd in (self.channel_in, self.channel_out):
+        for fd in (self.channel_in, self.channel_out, self.console):
             try:
                 os.close(fd)
             except OSError:
@@ -3170,6 +3171,12 @@ class _WorkerProcess:
         multiprocessing's exit handlers, threads left running) then has
         EXIT_WAIT seconds before every process of the worker is killed."""
         self.retained.clear()
+        # The signal and fork handlers keep this object to the very end: it
+        # lets go of the user's modules, so that they are torn down in the
+        # interpreter's order (a Pool in a module global is finalized while
+        # multiprocessing still works, as in a plain script).
+        self.spec = self.converters = self.project = None
+        self._hooks.clear()
         gc.collect()
         for name in list(self.children.of_value):
             self.children.drop_value(name)
