@@ -1,5 +1,6 @@
 # make demo   create a virtualenv, install threadward, run the example sweep
 # make test   install the test dependencies and run the whole suite
+# make test-ml  the real-workload suite (PyTorch CPU, joblib, scikit-learn, tqdm)
 # make bench  run the benchmarks in bench/
 # make lint   pyflakes and pycodestyle on threadward.py
 
@@ -8,7 +9,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 DEMO_DIR ?= $(VENV)/demo
 
-.PHONY: demo test bench lint version clean
+.PHONY: demo test test-ml bench lint version clean
 
 # editable_mode=strict: a link in build/ instead of an import hook that costs
 # every Python start in the venv ~20 ms; PYTHONWARNINGS mutes setuptools'
@@ -23,6 +24,14 @@ $(VENV)/.test-deps: $(BIN)/threadward
 	$(BIN)/python -m pip install -q pytest hypothesis pyflakes pycodestyle
 	touch $@
 
+# torch==2.13.0 exactly: the CPU build these machines hold for Python 3.11
+# (an unpinned torch would pull a CUDA build of several GB).
+ML_PACKAGES = torch==2.13.0 numpy==2.4.6 joblib==1.6.0 scikit-learn==1.9.1 tqdm==4.70.1
+
+$(VENV)/.ml-deps: $(VENV)/.test-deps
+	$(BIN)/python -m pip install -q $(ML_PACKAGES)
+	touch $@
+
 demo: $(BIN)/threadward
 	rm -rf $(DEMO_DIR)
 	$(BIN)/threadward init $(DEMO_DIR)
@@ -30,9 +39,12 @@ demo: $(BIN)/threadward
 	@echo "demo results: $(DEMO_DIR)/threadward/task_outputs"
 
 test: $(VENV)/.test-deps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/ml
 
-bench: $(BIN)/threadward
+test-ml: $(VENV)/.ml-deps
+	$(BIN)/python -m pytest -q tests/ml
+
+bench: $(VENV)/.ml-deps
 	$(BIN)/python bench/run.py
 
 lint: $(VENV)/.test-deps
