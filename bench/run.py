@@ -1,6 +1,6 @@
-"""Run threadward's benchmark suite: python bench/run.py [--quick] [B1 ... B6].
+"""Run threadward's benchmark suite: python bench/run.py [--quick] [B1 ... B7].
 
-With no names it runs all six.  --quick (or BENCH_QUICK=1) shrinks every
+With no names it runs all seven.  --quick (or BENCH_QUICK=1) shrinks every
 size for a smoke run; BENCH_KEEP=1 keeps the temporary projects.
 """
 
@@ -23,12 +23,13 @@ BENCHMARKS = {
     "B4": ("b4_simulation", "scheduler simulation: loads and makespan"),
     "B5": ("b5_million", "a million-task sweep: first task, RSS, per-task cost"),
     "B6": ("b6_monitoring", "monitoring overhead of the main process"),
+    "B7": ("b7_torch", "a real PyTorch CPU sweep vs joblib and ProcessPoolExecutor"),
 }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", metavar="B1..B6",
+    parser.add_argument("names", nargs="*", metavar="B1..B7",
                         help="benchmarks to run (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes for a fast smoke run (same as BENCH_QUICK=1)")
