@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from conftest import processes_of, wait_for
 from workloads import alive, check_succeeded, kill_run, logs, need_libraries, results
 
@@ -257,7 +259,8 @@ def task_method(variables, task_folder, log_file):
     wait_for(lambda: not processes_of(project.dir), timeout=30)
 
 
-def test_a_worker_whose_exit_joins_a_process_for_good_still_ends(project):
+@pytest.mark.parametrize("started_by", ["task_method", "before_each_worker"])
+def test_a_worker_whose_exit_joins_a_process_for_good_still_ends(project, started_by):
     """multiprocessing joins non-daemon processes at exit; one that never ends
     would keep the worker, and so the run, alive for good."""
     project.write(resources="NUM_WORKERS = 1\n", variables="""
@@ -267,13 +270,21 @@ def setup_variable_set(variable_set):
 import json, multiprocessing, os, time
 KEPT = None
 
-def task_method(variables, task_folder, log_file):
+def start():
     global KEPT
     KEPT = multiprocessing.Process(target=time.sleep, args=(600,))
     KEPT.start()
+
+def before_each_worker(worker_id):
+    if %r == "before_each_worker":
+        start()
+
+def task_method(variables, task_folder, log_file):
+    if KEPT is None:
+        start()
     with open(os.path.join(task_folder, "result.json"), "w") as stream:
         json.dump({"pids": [KEPT.pid]}, stream)
-""")
+""" % started_by)
     result = project.run(timeout=120)
     check_succeeded(project, result, 1)
     assert not alive(stray_pids(project)[0])
