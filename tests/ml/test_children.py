@@ -327,3 +327,22 @@ def task_method(variables, task_folder, log_file):
     result = project.run(timeout=300)
     check_succeeded(project, result, 1)
     assert results(project)["1"] == {"visible": "", "cuda": False}
+
+
+def test_a_tqdm_progress_bar_goes_to_the_task_log(project):
+    project.write(resources="NUM_WORKERS = 2\n", variables="""
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=[1, 2])
+""", task="""
+from tqdm import tqdm
+
+def task_method(variables, task_folder, log_file):
+    for _ in tqdm(range(50), desc="epoch %d" % variables["x"]):
+        pass
+""")
+    result = project.run(timeout=120)
+    check_succeeded(project, result, 2)
+    assert "epoch" not in result.stdout + result.stderr   # nothing on the console
+    for x in (1, 2):
+        log = project.log(str(x))
+        assert "epoch %d: 100%%" % x in log and "50/50" in log, log
