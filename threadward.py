@@ -376,12 +376,13 @@ def _kill_group(pid, sig):
         pass
 
 
-def _become_subreaper():
-    """Linux: orphaned descendants of a task are re-parented to the worker, so
-    a double-forked background process is still found (and ended) at task end."""
+def _become_subreaper(on=True):
+    """Linux: orphaned descendants are re-parented to this process, not to
+    init: a worker finds a task's double-forked background process at task
+    end, the main process what a worker that died left behind."""
     try:
         import ctypes
-        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+        ctypes.CDLL(None).prctl(36, int(on), 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
     except Exception:
         pass
 
@@ -1694,6 +1695,10 @@ class _Monitor:
     def deadline(self):
         return self._query_deadline
 
+    def pids(self):
+        """The processes it has started (nvidia-smi, while it runs)."""
+        return {self._query.pid} if self._query is not None else set()
+
     def sample(self, workers):
         """Refresh every worker's CPU % and RSS (its whole process tree)."""
         psutil = _import_psutil()   # at the first sample: 20 ms less before the first task
@@ -1704,11 +1709,7 @@ class _Monitor:
             # Each worker's tree from its children lists, not a pass over
             # every process: ~0.1 ms for 8 workers where that took 5-10 ms
             # (a task orphans nothing: workers are subreapers).
-            pids, stack = [], [worker.pid]
-            while stack:
-                pid = stack.pop()
-                pids.append(pid)
-                stack.extend(_child_pids(pid))
+            pids = _descendants([worker.pid])
             self._descendants[worker.worker_id] = set(pids)
             seen.update(pids)
             cpu, rss = _tree_usage(psutil, pids, self._processes)
@@ -1921,6 +1922,8 @@ class Threadward:
         self._hook_failed = False
         self._stop_deadline = None    # SIGTERM: when running tasks are ended
         self._pending_starts = []     # (when, slot): retries of workers that failed to start
+        self._own_children = set()    # processes of before_all_tasks: not orphans
+        self._orphans = set()         # left by workers that died; killed, not yet reaped
 
         self._wakeup = None
         self._old_signals = {}
@@ -1977,9 +1980,11 @@ class Threadward:
         try:
             self._install_signal_handlers()
             self._register_console()
+            _become_subreaper()
             if not self._call_main_hook("before_all_tasks"):
                 self._stop("before_all_tasks raised")
                 return self._print_summary()
+            self._own_children = _child_pids()
             try:
                 self._start_workers()
                 self._loop()
@@ -1991,6 +1996,8 @@ class Threadward:
                 if not self._call_main_hook("after_all_tasks"):
                     self._hook_failed = True
         finally:
+            self._reap_orphans(block=True)
+            _become_subreaper(False)   # a library caller's process is left as it was
             self._restore_signal_handlers()
             self._monitor.close()
             self._write_status("finished")
@@ -2337,6 +2344,48 @@ class Threadward:
         for worker in list(self._workers.values()):
             if worker.process.stdout.closed and worker.poll() is not None:
                 self._on_worker_exit(worker)
+        if self._orphans:
+            self._reap_orphans()
+
+    def _orphans_now(self):
+        """Children of ours that a dead worker left: not a worker, not
+        nvidia-smi, not of before_all_tasks, and (unlike what a result hook
+        starts) in a session other than ours, as the workers' are."""
+        known = self._own_children | self._monitor.pids() | {
+            worker.pid for worker in self._workers.values()}
+        ours = os.getsid(0)
+        found = set()
+        for pid in _child_pids() - known:
+            try:
+                if os.getsid(pid) != ours:
+                    found.add(pid)
+            except OSError:
+                pass
+        return found
+
+    def _end_orphans(self):
+        """A worker has died: what its tasks left running came to us (the
+        main process is a subreaper while it runs), and ends now."""
+        orphans = self._orphans_now()
+        for pid in _descendants(orphans - self._orphans):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self._orphans |= orphans
+
+    def _reap_orphans(self, block=False):
+        """Reap the killed orphans (and, while the run goes on, those of
+        theirs that came to us as they died)."""
+        if not block:
+            self._orphans |= self._orphans_now()
+        for pid in list(self._orphans):
+            try:
+                if os.waitpid(pid, 0 if block else os.WNOHANG)[0] == 0:
+                    continue
+            except ChildProcessError:
+                pass
+            self._orphans.discard(pid)
 
     def _on_worker_exit(self, worker):
         """The worker's pipe has closed and its process is gone."""
@@ -2346,6 +2395,7 @@ class Threadward:
         worker.state = Worker.EXITED
         worker.deadline = None
         del self._workers[worker.worker_id]
+        self._end_orphans()
         self._put_back_queued(worker)   # first: what was queued undoes its joins
         self.scheduler.forget(worker.worker_id)
         reason = worker.exit_reason()

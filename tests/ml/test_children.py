@@ -169,6 +169,22 @@ def setup_variable_set(variable_set):
     wait_for(lambda: not any(alive(pid) for pid in pids), timeout=30)
 
 
+def test_strays_of_a_worker_that_crashes_are_ended(project):
+    """The worker dies with its task (a segfault, os._exit): the processes the
+    task left come to the main process, which ends them."""
+    project.write(resources="NUM_WORKERS = 1\n", variables="""
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=[1, 2])
+""", task=STRAYS % ("None", "if variables['x'] == 1: os._exit(9)"))
+    result = project.run(timeout=300)
+    assert result.returncode == 1
+    assert project.failed() == {"1": "worker 0 exited with code 9"}
+    assert project.successful() == ["2"]
+    pids = stray_pids(project)
+    assert len(pids) == 4
+    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=30)
+
+
 def test_main_process_killed_leaves_no_stray_and_no_pool(project):
     project.write(resources="NUM_WORKERS = 1\n", variables="""
 import multiprocessing
