@@ -81,6 +81,7 @@ __all__ = ["VariableSet", "Task", "Worker", "Threadward", "ThreadwardError",
 # need them, and they were a third of this module's import time, which every
 # worker start pays.
 import collections
+import errno
 import gc
 import importlib.util
 import json
@@ -210,6 +211,16 @@ PROJECT_SUBDIR = "threadward"
 
 CONFIG_FILES = ("task_specification.py", "resource_constraints.py", "variable_iteration.py")
 RESULT_FILES = ("successful_tasks.txt", "failed_tasks.txt")
+# The settings of each project file: one in the wrong file, or a name a
+# letter or two off one of them, is a configuration error.
+SETTINGS = {
+    "task_specification.py": ("SUCCESS_CONDITION", "OUTPUT_MODE", "SIGTERM_GRACE",
+                              "TASK_TIMEOUT"),
+    "resource_constraints.py": ("NUM_WORKERS", "NUM_GPUS_PER_WORKER", "AVOID_GPUS",
+                                "INCLUDE_GPUS", "LAUNCHER", "SLURM_OPTIONS", "HOSTS",
+                                "SSH_OPTIONS", "REMOTE_PYTHON", "CPUS_PER_WORKER", "PIN_CPUS"),
+    "variable_iteration.py": ("FAILURE_HANDLING", "TASK_FOLDER_LOCATION"),
+}
 
 
 ###############################################################################
@@ -253,8 +264,11 @@ def _ensure_std_fds():
 
 
 def _stderr(message):
-    sys.stderr.write("threadward: %s\n" % message)
-    sys.stderr.flush()
+    try:
+        sys.stderr.write("threadward: %s\n" % message)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass   # the terminal is gone (SIGHUP, a closed pipe): nobody to tell
 
 
 class _LineBuffer:
@@ -339,6 +353,32 @@ def _atomic_write(path, text):
     os.replace(temporary, path)
 
 
+def _open_log(path):
+    """A log opened afresh, never through a symbolic link planted at its
+    name (that would truncate the link's target): such a link is replaced.
+    A task folder that is itself a link (to scratch storage) is fine."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+    os.unlink(path)
+    return os.open(path, flags, 0o666)
+
+
+def _remove_stale_temporaries(folder):
+    """NAME.tmpPID files whose writer is gone (a run killed mid-write; those
+    of all_tasks.json grow to ~90 MB for a million tasks)."""
+    for name in os.listdir(folder):
+        _, dot, pid = name.rpartition(".tmp")
+        if dot and pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def _one_line(text, limit=300):
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -374,6 +414,16 @@ def _kill_group(pid, sig):
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass   # alive, but another user's
+    return True
 
 
 def _become_subreaper(on=True):
@@ -1152,6 +1202,54 @@ def _setting_line(path, name):
     return _display_path(path)
 
 
+def _assigned_names(path):
+    """[(name, line)] of the module-level assignments of a project file."""
+    import ast
+    try:
+        with open(path) as stream:
+            tree = ast.parse(stream.read())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    found = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        found.extend((t.id, node.lineno) for t in targets if isinstance(t, ast.Name))
+    return found
+
+
+def _near(name, setting):
+    """A letter or two off (edit distance; one for names under 8 letters)."""
+    if abs(len(name) - len(setting)) > 2:
+        return False
+    row = list(range(len(setting) + 1))
+    for i, a in enumerate(name, 1):
+        previous, row[0] = row[0], i
+        for j, b in enumerate(setting, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (a != b))
+    return 0 < row[-1] <= (2 if len(setting) >= 8 else 1)
+
+
+def _check_setting_names(path):
+    """A known setting in the wrong file, or a misspelled one, would be
+    ignored without a word; the user's own constants (DATA_DIR) are fine."""
+    filename = os.path.basename(path)
+    for name, line in _assigned_names(path):
+        if not name.isupper() or name.startswith("_") or name in SETTINGS[filename]:
+            continue
+        where = "%s:%d" % (_display_path(path), line)
+        for other, names in SETTINGS.items():
+            if name in names:
+                raise ConfigError("%s is a setting of %s, not of %s: move it there (here it "
+                                  "would be ignored)" % (name, other, filename), where)
+        for other, names in SETTINGS.items():
+            for setting in names:
+                if _near(name, setting):
+                    raise ConfigError("%s is not a setting; did you mean %s?%s" % (
+                        name, setting, "" if other == filename else " (it belongs in %s)"
+                        % other), where)
+
+
 def _check_hooks(module, path, names):
     for name in names:
         if getattr(module, name, None) is not None and not callable(getattr(module, name)):
@@ -1172,7 +1270,8 @@ def _number_setting(module, path, name, default, minimum, integer=False, allow_n
     if value is None and allow_none:
         return None
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, kind) or value != value or \
+            value < minimum:   # value != value: nan
         raise ConfigError("%s = %r; it must be %s >= %s%s"
                           % (name, value, "a whole number" if integer else "a number",
                              minimum, " (or None)" if allow_none else ""),
@@ -1282,6 +1381,8 @@ class _Project:
         self.load_variable_module()
         path = self.path("resource_constraints.py")
         constraints = _load_user_module(path, "resource_constraints")
+        for filename in CONFIG_FILES:
+            _check_setting_names(self.path(filename))
         self.num_workers = _number_setting(constraints, path, "NUM_WORKERS", 1, 1, integer=True)
         self.gpus_per_worker, self.workers_per_gpu = _gpus_per_worker(constraints, path)
         self.avoid_gpus = _gpu_list_setting(constraints, path, "AVOID_GPUS")
@@ -1517,24 +1618,24 @@ class _Launcher:
         # read its stderr, and the worker reports its own figures.
         self.indirect = self.kind != "local"
         self.cpu_threads = 1       # each worker's thread count (plan_cpus)
-        self._cores = []           # the usable cores of this machine
+        self.cores = []            # the usable cores of this machine
 
     def plan_cpus(self, workers):
         """Each of ``workers`` gets CPUS_PER_WORKER threads, or its share of
         the cores this process may use (inside a Slurm allocation: its CPUs
         on this node), at least one."""
         try:
-            self._cores = sorted(os.sched_getaffinity(0))
+            self.cores = sorted(os.sched_getaffinity(0))
         except AttributeError:   # not Linux
-            self._cores = list(range(os.cpu_count() or 1))
-        count = len(self._cores)
+            self.cores = list(range(os.cpu_count() or 1))
+        count = len(self.cores)
         if os.environ.get("SLURM_CPUS_ON_NODE", "").isdigit():
             count = min(count, int(os.environ["SLURM_CPUS_ON_NODE"]))
         self.cpu_threads = self.project.cpus_per_worker or max(1, count // max(1, workers))
 
     def cores_of(self, slot):
         """PIN_CPUS: the cores of a slot, blocks of cpu_threads in turn."""
-        cores, size = self._cores, min(self.cpu_threads, len(self._cores))
+        cores, size = self.cores, min(self.cpu_threads, len(self.cores))
         start = slot * size % len(cores)
         return (cores + cores)[start:start + size]
 
@@ -1892,6 +1993,47 @@ class Worker:
         return "worker %d exited with code %d" % (self.worker_id, code)
 
 
+class _RunLock:
+    """One run per project: a POSIX record lock (fcntl.lockf, which NFS and
+    Lustre hold for the whole cluster, not just this host) on
+    task_queue/run.lock, held while the run lasts.  The file says who holds
+    it; the kernel (or the NFS server) lets go when the holder dies, so a
+    holder named in a file we could lock ended without letting go."""
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = None
+
+    def acquire(self):
+        """Lock, or raise naming the run that holds it; returns the holder
+        a crashed run left in the file ("" if none)."""
+        import fcntl
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise ThreadwardError("cannot lock %s: %s" % (_display_path(self.path), exc))
+            raise ThreadwardError(
+                "another `threadward run` is using this project: %s. Wait for it to end, or "
+                "stop it (`quit` in its console, or kill -TERM its PID on its host), then run "
+                "again" % (holder or "a run on another host (%s)" % _display_path(self.path)))
+        previous = os.read(fd, 4096).decode("utf-8", "replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, ("PID %d on %s since %s\n" % (
+            os.getpid(), os.uname().nodename, time.strftime("%Y-%m-%d %H:%M:%S"))).encode(), 0)
+        self._fd = fd
+        return previous
+
+    def release(self):
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)   # emptied first: a next run sees a clean hand-over
+            os.close(self._fd)          # closing lets go of the lock
+            self._fd = None
+
+
 ###############################################################################
 # Threadward (the orchestrator) ###############################################
 ###############################################################################
@@ -1930,6 +2072,8 @@ class Threadward:
         self._result_fds = {}
         self._unwritten = {}          # result file name -> lines not yet written
         self.succeeded = self.failed = self.skipped = 0
+        self._finish_at = None        # the estimated end of the sweep (monotonic)
+        self._lock = None
         self.total = 0
         self._durations_sum = 0.0
         self._durations_max = 0.0
@@ -1962,11 +2106,25 @@ class Threadward:
         self._plan_workers()
         if self.dry_run:
             return self._print_dry_run()
+        os.makedirs(project.queue_dir, exist_ok=True)
+        self._lock = _RunLock(os.path.join(project.queue_dir, "run.lock"))
+        taken_over = self._lock.acquire()
+        if taken_over:
+            self._say("taking over from a run that ended without letting go of the "
+                      "project (%s)" % taken_over)
+        try:
+            return self._run_locked()
+        finally:
+            self._lock.release()
+
+    def _run_locked(self):
+        project = self.project
         self._prepare_queue()
         if not self.total:
             self._say("all %d tasks already succeeded; nothing to run (--fresh runs them "
                       "again)" % self.skipped)
             return EXIT_OK
+        self._cap_workers()
         self._started = time.monotonic()
         self._say("%s%s on %s%s; task output in %s" % (
             "%d of %d tasks already succeeded; running " % (
@@ -2015,6 +2173,21 @@ class Threadward:
         self._launcher.plan_cpus(self._starting)
         self._free_slots = list(range(len(self._slots)))
 
+    def _cap_workers(self):
+        """Never more workers than tasks to run (each costs a Python start
+        and its memory before any task runs); the CPU share follows."""
+        project = self.project
+        if self._starting > self.total:
+            self._say("NUM_WORKERS = %d, but only %s to run: starting %d workers" % (
+                project.num_workers, _plural(self.total, "task"), self.total))
+            self._starting = self.total
+            self._launcher.plan_cpus(self._starting)
+        cores = len(self._launcher.cores)
+        if self._launcher.kind == "local" and not project.gpus_per_worker and \
+                self._starting > cores:
+            self._say("note: %d workers on %d cores and no GPUs: they will share the cores"
+                      % (self._starting, cores))
+
     def _gpu_summary(self):
         project = self.project
         hosts = sorted({slot.host for slot in self._slots if slot.host})
@@ -2054,12 +2227,20 @@ class Threadward:
         scheduler = _Scheduler(len(variable_set.variables))
         path = os.path.join(project.queue_dir, "all_tasks.json")
         temporary = "%s.tmp%d" % (path, os.getpid())
+        _remove_stale_temporaries(project.queue_dir)   # ours alone: we hold the lock
         try:
             self._write_task_list(temporary, scheduler, succeeded)
-        except BaseException:
-            os.unlink(temporary)
+            os.replace(temporary, path)
+        except BaseException as exc:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            if isinstance(exc, OSError):   # a full disk, a quota, `ulimit -f`
+                raise ThreadwardError("cannot write %s: %s; nothing was run (free space, "
+                                      "then run again)" % (_display_path(path),
+                                                          exc.strerror or exc))
             raise
-        os.replace(temporary, path)
         self.scheduler = scheduler
         self.total = len(scheduler)
 
@@ -2520,7 +2701,10 @@ class Threadward:
         return (len(worker.queue) == 1 and not worker.cancelling and not worker.retiring
                 and not worker.process.stdout.closed   # it is gone, not yet reaped
                 and not self._stopping and worker.last_seconds is not None
-                and worker.last_seconds < QUEUE_AHEAD_BELOW)
+                and worker.last_seconds < QUEUE_AHEAD_BELOW
+                # STOP_EXECUTION: a task queued ahead would start before the
+                # failure of the one before it is known here.
+                and self.project.failure_handling != "STOP_EXECUTION")
 
     def _send_task(self, worker, patient=True):
         """Give ``worker`` its next task (queued if it is busy); False if none
@@ -2651,6 +2835,7 @@ class Threadward:
                                                        _display_path(task.log_file)))
             if handling == "STOP_EXECUTION":
                 self._stop("a task failed and FAILURE_HANDLING is STOP_EXECUTION")
+        self._estimate_finish()
         hook = "on_task_success" if success else "on_task_failure"
         function = _hook_of(self._hooks, self.project.variable_module, hook)
         if function is not None:
@@ -2708,7 +2893,8 @@ class Threadward:
         self._wakeup = (read_fd, write_fd)
         self._old_signals["wakeup"] = signal.set_wakeup_fd(write_fd,
                                                            warn_on_full_buffer=False)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
+                    signal.SIGCHLD):
             # The handler only records (via the wakeup fd); the loop acts.
             self._old_signals[sig] = signal.signal(sig, lambda signum, frame: None)
         self._selector.register(read_fd, selectors.EVENT_READ, self._on_signals)
@@ -2734,13 +2920,19 @@ class Threadward:
             if signum == signal.SIGINT and self._stopping and not self._interrupting:
                 self._say("second Ctrl-C: ending running tasks (recorded as interrupted)")
                 self._interrupt_running()
-            elif signum == signal.SIGTERM and not self._stop_deadline \
+            elif signum == signal.SIGUSR1:   # `kill -USR1 PID`: show, where no console is
+                self._say(self._show_table())
+            elif signum in (signal.SIGTERM, signal.SIGHUP) and not self._stop_deadline \
                     and not self._interrupting:
                 # Even after `quit`: preemption gives a deadline we must keep.
-                self._stop("stopped by SIGTERM")
-                self._stop_deadline = time.monotonic() + self.project.sigterm_grace
-                self._say("SIGTERM: no new tasks; running tasks get %ds to finish"
-                          % self.project.sigterm_grace)
+                # SIGHUP (the terminal closed, ssh dropped) is handled alike.
+                name = signal.Signals(signum).name
+                grace = self.project.sigterm_grace
+                self._stop("stopped by %s" % name)
+                self._stop_deadline = time.monotonic() + grace
+                self._say("%s: no new tasks; running tasks %s" % (
+                    name, "may take as long as they need (SIGTERM_GRACE = inf)"
+                    if grace == float("inf") else "get %gs to finish" % grace))
             elif signum == signal.SIGINT and not self._stopping:
                 self._stop("stopped by SIGINT")
                 self._say("stopping: no new tasks; running tasks finish "
@@ -2832,17 +3024,34 @@ class Threadward:
     # -- reporting ----------------------------------------------------------
 
     def _say(self, message):
-        self._out.write(message + "\n")
-        self._out.flush()
+        try:
+            self._out.write(message + "\n")
+            self._out.flush()
+        except (OSError, ValueError):
+            self._terminal_gone()
+
+    def _terminal_gone(self):
+        """Our output can no longer be written (the terminal closed, the pipe's
+        reader left): the run goes on silently; what it records is on disk."""
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(null, fd)   # Python's flush at exit must not fail either
+        os.close(null)
+        self._out = open(os.devnull, "w")
 
     def _elapsed(self):
         return time.monotonic() - self._started
 
     def _eta(self):
-        done = self.succeeded + self.failed
-        if not done:
+        """Seconds left, from the finish time estimated at the last result:
+        the progress line, `show` and status.json count down the same one."""
+        if self._finish_at is None:
             return None
-        return self._elapsed() / done * (self.total - done)
+        return max(0.0, self._finish_at - time.monotonic())
+
+    def _estimate_finish(self):
+        done = self.succeeded + self.failed
+        self._finish_at = time.monotonic() + self._elapsed() / done * (self.total - done)
 
     def _report_progress(self):
         done = self.succeeded + self.failed
@@ -2875,6 +3084,8 @@ class Threadward:
         state_width = 40 - where_width
         row = "%%3s  %%-%ds %%-7s %%-%ds %%11s  %%-13s %%s" % (where_width, state_width)
         remote = any(w.host for w in self._workers.values())
+        if not self._workers:
+            return "\n".join(lines)
         lines.append(row % ("ID", "PID@host" if remote else "PID", "GPUs", "state",
                             "CPU% now/max", "RAM now/max", "GPU mem now/max"))
         for worker in self._workers.values():
@@ -3016,8 +3227,7 @@ class _WorkerProcess:
         os.makedirs(self.project.worker_log_dir, exist_ok=True)
         self.worker_log = os.path.join(self.project.worker_log_dir,
                                        "worker_%d.log" % self.worker_id)
-        self.worker_log_fd = os.open(self.worker_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
-                                     os.O_APPEND, 0o666)
+        self.worker_log_fd = _open_log(self.worker_log)
         self._point_output(self.worker_log_fd)
         self._lines = collections.deque()   # protocol lines read, not yet handled
         self._lines_lock = threading.Lock()  # the watchdog thread takes CANCELs too
@@ -3286,8 +3496,7 @@ class _WorkerProcess:
         mode = self.project.output_mode
         try:
             _make_folder(folder)
-            log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
-                             0o666)
+            log_fd = _open_log(log_file)
         except OSError as exc:
             return self._result(message, False, "cannot create the task folder or log: %s"
                                 % exc, started)
@@ -3593,8 +3802,18 @@ def _build_parser():
     init = commands.add_parser("init", help="create DIR/threadward/ with the three template "
                                             "files to fill in")
     init.add_argument("directory", nargs="?", default=".", metavar="DIR")
-    run = commands.add_parser("run", help="run every task of DIR/threadward/")
-    run.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    run = commands.add_parser(
+        "run", help="run every task of DIR/threadward/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every task of DIR/threadward/ that has not succeeded yet.",
+        epilog="while it runs, " + CONSOLE_HELP + "\n\nsignals: Ctrl-C (SIGINT) once: "
+        "like quit; twice: end running tasks; SIGTERM, SIGHUP: no new tasks, running\n"
+        "tasks get SIGTERM_GRACE s; SIGUSR1: print the show table\n\n"
+        "exit codes: 0 every task succeeded; 1 a task failed or the run stopped early;\n"
+        "2 a configuration or usage error (nothing was run)")
+    run.add_argument("directory", nargs="?", default=".", metavar="DIR",
+                     help="the project directory, holding threadward/ (default: the current "
+                          "directory)")
     run.add_argument("--fresh", action="store_true",
                      help="forget earlier results and run every task again")
     run.add_argument("--dry-run", action="store_true",
@@ -3630,16 +3849,6 @@ def _cmd_status(args):
             status.get("pid"), updated)
     sys.stdout.write(header + "\n" + status.get("show", "") + "\n")
     return EXIT_OK
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        pass   # alive, but another user's
-    return True
 
 
 def main(argv=None):

@@ -14,8 +14,8 @@ import time
 FAILURE_HANDLING = "PRINT_FAILURE_AND_CONTINUE"
 
 # How task folders (under threadward/task_outputs/) are laid out:
-#   "VARIABLE_SUBFOLDER" (default)   GPT2/HappyGoLucky/0    (one level per variable)
-#   "VARIABLE_UNDERSCORE"            GPT2_HappyGoLucky_0    (one folder per task)
+#   "VARIABLE_SUBFOLDER" (default)   GPT2/HappyGoLucky/s0   (one level per variable)
+#   "VARIABLE_UNDERSCORE"            GPT2_HappyGoLucky_s0   (one folder per task)
 # The folder path is also the task's ID in task_queue/*.txt.
 TASK_FOLDER_LOCATION = "VARIABLE_SUBFOLDER"
 

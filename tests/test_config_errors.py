@@ -62,8 +62,14 @@ def line_of(text, marker):
 
 
 def queue_snapshot(project):
+    """The queue files' contents; run.lock, empty whenever no run holds it,
+    is the lock's own file (a run that finds a mistake in the variables has
+    taken it and let it go)."""
     found = {}
     for name in sorted(os.listdir(project.queue)):
+        if name == "run.lock":
+            assert os.path.getsize(os.path.join(project.queue, name)) == 0
+            continue
         with open(os.path.join(project.queue, name), "rb") as stream:
             found[name] = stream.read()
     return found

@@ -1,0 +1,305 @@
+"""An adversarial pass: what broke once, and what it does now (issue 13).
+
+Each test failed on the code before the fix it names."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import wait_for
+
+RANGE = """
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=list(range(1, %d)))
+"""
+
+
+def test_stop_execution_starts_nothing_after_the_first_failure(project):
+    # Short tasks are queued ahead: x = 4 was sent before x = 3's failure came.
+    project.write(task="""
+def task_method(variables, task_folder, log_file):
+    if variables["x"] == 3:
+        raise ValueError("three")
+""", variables=RANGE % 9 + 'FAILURE_HANDLING = "STOP_EXECUTION"\n',
+                  resources="NUM_WORKERS = 1\n")
+    result = project.run()
+    assert result.returncode == 1
+    assert project.successful() == ["1", "2"]
+    assert list(project.failed()) == ["3"]
+    for x in range(4, 9):   # never started: no folder, no log
+        assert not os.path.exists(os.path.join(project.outputs, str(x))), x
+    assert "5 not run" in result.stdout
+
+
+def test_num_workers_beyond_the_tasks_starts_one_worker_per_task(project):
+    project.write(variables=RANGE % 4, resources="NUM_WORKERS = 50\n")
+    result = project.run()
+    assert result.returncode == 0, result.stderr
+    assert "NUM_WORKERS = 50, but only 3 tasks to run: starting 3 workers" in result.stdout
+    logs = os.listdir(os.path.join(project.config, "worker_logs"))
+    assert sorted(logs) == ["worker_0.log", "worker_1.log", "worker_2.log"]
+
+
+def test_more_workers_than_cores_without_gpus_is_warned_about(project):
+    cores = len(os.sched_getaffinity(0))
+    project.write(variables=RANGE % (cores + 3), resources="NUM_WORKERS = %d\n" % (cores + 1))
+    result = project.run()
+    assert result.returncode == 0, result.stderr
+    assert ("note: %d workers on %d cores and no GPUs: they will share the cores"
+            % (cores + 1, cores)) in result.stdout
+
+
+@pytest.mark.parametrize("name", ["TASK_TIMEOUT", "SIGTERM_GRACE"])
+def test_nan_is_a_configuration_error(project, name):
+    project.write(task="import math\n%s = float('nan')\n\ndef task_method(v, f, l):\n    pass\n"
+                  % name)
+    result = project.run()
+    assert result.returncode == 2
+    assert "task_specification.py:2: %s = nan; it must be a number" % name in result.stderr
+    assert not os.path.exists(os.path.join(project.queue, "all_tasks.json"))
+
+
+def test_infinite_sigterm_grace_lets_running_tasks_finish(project, tmp_path):
+    started = tmp_path / "started"
+    project.write(task="""
+import os, time
+SIGTERM_GRACE = float("inf")
+TASK_TIMEOUT = float("inf")
+
+def task_method(variables, task_folder, log_file):
+    open(%r, "a").close()
+    time.sleep(1.5)
+""" % str(started), variables=RANGE % 5, resources="NUM_WORKERS = 1\n")
+    run = project.start()
+    wait_for(started.exists)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 1, out + err
+    assert "running tasks may take as long as they need" in out
+    assert project.successful() == ["1"] and project.failed() == {}
+    assert "Traceback" not in err
+
+
+def test_an_unwritable_task_list_is_one_line_and_nothing_half_written(project):
+    project.write(variables=RANGE % 2000)
+    limit = 4096
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(project.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120,
+                            env=project.env(), preexec_fn=small_files)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("threadward: error: cannot write "
+                               "threadward/task_queue/all_tasks.json: File too large")
+    assert not [name for name in os.listdir(project.queue) if name.startswith("all_tasks.json")]
+    assert project.successful() == [] and not os.path.exists(project.outputs)
+
+
+def test_a_symlink_planted_at_a_task_log_is_not_written_through(project, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    folder = os.path.join(project.outputs, "2")
+    os.makedirs(folder)
+    os.symlink(str(victim), os.path.join(folder, "task.log"))
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert victim.read_text() == "precious\n"
+    assert not os.path.islink(os.path.join(folder, "task.log"))
+    assert "running {'x': 2}" in project.log("2")
+
+
+def test_a_task_folder_that_is_a_symlink_still_works(project, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    os.makedirs(project.outputs, exist_ok=True)
+    os.symlink(str(scratch), os.path.join(project.outputs, "1"))
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "running {'x': 1}" in (scratch / "task.log").read_text()
+
+
+def test_stale_temporary_files_are_removed_and_live_ones_kept(project):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = os.path.join(project.queue, "all_tasks.json.tmp%d" % dead.pid)
+    live = os.path.join(project.queue, "all_tasks.json.tmp%d" % os.getpid())
+    for path in (stale, live):
+        with open(path, "w") as stream:
+            stream.write("x" * 1000)
+    result = project.run()
+    assert result.returncode == 0, result.stderr
+    assert not os.path.exists(stale)
+    assert os.path.exists(live)
+    os.unlink(live)
+
+
+def test_sighup_is_handled_like_sigterm(project, tmp_path):
+    started = tmp_path / "started"
+    project.write(task="""
+import time
+
+def task_method(variables, task_folder, log_file):
+    open(%r, "a").close()
+    time.sleep(1)
+""" % str(started), variables=RANGE % 5, resources="NUM_WORKERS = 1\n")
+    run = project.start()
+    wait_for(started.exists)
+    run.send_signal(signal.SIGHUP)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 1, out + err
+    assert "SIGHUP: no new tasks" in out
+    assert project.successful() == ["1"] and project.failed() == {}
+    assert "stopped (stopped by SIGHUP)" in out
+
+
+def test_sighup_after_the_terminal_is_gone_still_finishes_and_records(project, tmp_path):
+    """The terminal closed: writing to it fails; the run goes on quietly."""
+    started = tmp_path / "started"
+    project.write(task="""
+import time
+
+def task_method(variables, task_folder, log_file):
+    open(%r, "a").close()
+    time.sleep(1)
+""" % str(started), variables=RANGE % 5, resources="NUM_WORKERS = 1\n")
+    read_end, write_end = os.pipe()
+    run = subprocess.Popen(project.command(), stdin=subprocess.DEVNULL, stdout=write_end,
+                           stderr=write_end, env=project.env())
+    os.close(write_end)
+    wait_for(started.exists)
+    os.close(read_end)   # the terminal is gone: writes now fail (EPIPE)
+    run.send_signal(signal.SIGHUP)
+    assert run.wait(timeout=60) == 1
+    assert project.successful() == ["1"] and project.failed() == {}
+    summary = os.path.join(project.queue, "status.json")
+    wait_for(lambda: '"finished"' in open(summary).read())
+
+
+def test_run_help_says_the_default_directory_console_commands_and_exit_codes(project):
+    result = subprocess.run([sys.executable, project.command()[1], "run", "--help"],
+                            stdout=subprocess.PIPE, universal_newlines=True)
+    assert result.returncode == 0
+    text = result.stdout
+    assert "default: the current directory" in " ".join(text.split())
+    for command in ("show (s)", "quit (q)", "add (a)", "remove N (r N)"):
+        assert command in text
+    assert "exit codes: 0" in text
+
+
+def test_status_after_the_run_prints_no_empty_worker_table(project):
+    result = project.run()
+    assert result.returncode == 0
+    status = project.run(subcommand="status")
+    assert "finished" in status.stdout
+    assert "PID" not in status.stdout, status.stdout
+
+
+SLOW = """
+import os, time
+
+def task_method(variables, task_folder, log_file):
+    open(os.path.join(os.path.dirname(task_folder), "started"), "a").close()
+    while not os.path.exists(os.path.join(os.path.dirname(task_folder), "go")):
+        time.sleep(0.02)
+"""
+
+
+def test_a_second_run_on_a_running_project_refuses_before_touching_anything(project):
+    project.write(task=SLOW, resources="NUM_WORKERS = 1\n")
+    first = project.start()
+    wait_for(lambda: os.path.exists(os.path.join(project.outputs, "started")))
+    files = {}
+    for folder, _, names in os.walk(project.config):
+        for name in names:
+            path = os.path.join(folder, name)
+            files[path] = os.stat(path).st_mtime_ns, os.path.getsize(path)
+    second = project.run()
+    assert second.returncode == 2
+    message = second.stderr.strip()
+    assert message.startswith("threadward: error: another `threadward run` is using this "
+                              "project: PID %d on %s since " % (first.pid, os.uname().nodename))
+    assert "stop it" in message
+    after = {}
+    for folder, _, names in os.walk(project.config):
+        for name in names:
+            path = os.path.join(folder, name)
+            after[path] = os.stat(path).st_mtime_ns, os.path.getsize(path)
+    assert after == files   # nothing written, truncated or created
+    open(os.path.join(project.outputs, "go"), "w").close()
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, out + err
+    assert sorted(project.successful()) == ["1", "2", "3"]
+
+
+def test_the_lock_of_a_killed_run_is_taken_over_and_said_so(project):
+    project.write(task=SLOW, resources="NUM_WORKERS = 1\n")
+    first = project.start()
+    wait_for(lambda: os.path.exists(os.path.join(project.outputs, "started")))
+    first.kill()
+    first.communicate(timeout=30)
+    open(os.path.join(project.outputs, "go"), "w").close()
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("taking over from a run that ended without letting go of the project (PID %d on %s"
+            % (first.pid, os.uname().nodename)) in result.stdout
+    with open(os.path.join(project.queue, "run.lock")) as stream:
+        assert stream.read() == ""   # let go at the end
+
+
+def test_dry_run_does_not_take_the_lock(project):
+    project.write(task=SLOW, resources="NUM_WORKERS = 1\n")
+    first = project.start()
+    wait_for(lambda: os.path.exists(os.path.join(project.outputs, "started")))
+    assert project.run("--dry-run").returncode == 0
+    wait_for(lambda: os.path.exists(os.path.join(project.queue, "status.json")))
+    status = project.run(subcommand="status")
+    assert status.returncode == 0 and "running (main process %d)" % first.pid in status.stdout
+    open(os.path.join(project.outputs, "go"), "w").close()
+    first.communicate(timeout=60)
+    assert first.returncode == 0
+
+
+@pytest.mark.parametrize("filename, line, message", [
+    ("resource_constraints.py", "NUM_WORKER = 4",
+     "resource_constraints.py:2: NUM_WORKER is not a setting; did you mean NUM_WORKERS?"),
+    ("resource_constraints.py", "TASK_TIMEOUT = 120",
+     "resource_constraints.py:2: TASK_TIMEOUT is a setting of task_specification.py, not of "
+     "resource_constraints.py: move it there"),
+    ("task_specification.py", "TASK_TIMOUT = 120",
+     "task_specification.py:2: TASK_TIMOUT is not a setting; did you mean TASK_TIMEOUT?"),
+    ("variable_iteration.py", "NUM_GPU_PER_WORKER = 1",
+     "variable_iteration.py:2: NUM_GPU_PER_WORKER is not a setting; did you mean "
+     "NUM_GPUS_PER_WORKER? (it belongs in resource_constraints.py)"),
+])
+def test_a_setting_in_the_wrong_file_or_misspelled_is_an_error(project, filename, line, message):
+    path = os.path.join(project.config, filename)
+    with open(path) as stream:
+        text = stream.read()
+    with open(path, "w") as stream:
+        stream.write("\n" + line + "\n" + text)
+    result = project.run()
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not os.path.exists(os.path.join(project.queue, "all_tasks.json"))
+
+
+def test_the_users_own_constants_are_fine(project):
+    project.write(task="""
+DATA_DIR = "/data"
+BATCH_SIZE = 32
+NUM_WORKERS_DATALOADER = 4
+MAX_WORKERS = 3
+
+def task_method(variables, task_folder, log_file):
+    pass
+""")
+    result = project.run()
+    assert result.returncode == 0, result.stderr
