@@ -3240,13 +3240,21 @@ class _WorkerProcess:
 
     def _point_output(self, fd):
         """Make fd 0 /dev/null and fd 1, 2 ``fd``; the Python streams follow."""
+        unwritten = False
         for stream in (sys.stdout, sys.stderr):
             try:
                 if stream is not None:
                     stream.flush()
             except (OSError, ValueError):
-                pass
+                unwritten = True
         self._flush_c_stdio()
+        if unwritten:
+            # What a full disk left in the streams' buffers goes to /dev/null
+            # as they are replaced, never into the next log.
+            os.dup2(self.devnull, 1)
+            os.dup2(self.devnull, 2)
+            self._streams = None
+            self._restore_streams()
         os.dup2(self.devnull, 0)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -3299,7 +3307,7 @@ class _WorkerProcess:
             self._call_hook("before_each_worker", self.worker_id)
             self.children.of_worker = _child_pids()
         except BaseException as exc:
-            traceback.print_exc()
+            _print_traceback()
             error = str(exc) if isinstance(exc, ConfigError) else traceback.format_exc()
             self._send_quietly({"op": "fatal", "error": error})
             return 3
@@ -3510,12 +3518,24 @@ class _WorkerProcess:
             self._point_output(tee.write_fd)
         try:
             success, reason = self._run_hooks(message["vars"], folder, log_file)
+            if not success:
+                reason = self._log_failure(log_fd, log_file) or reason
         finally:
             self._point_output(self.worker_log_fd)
             self.children.end_strays()
             if tee is None or tee.close():
                 os.close(log_fd)
         return self._result(message, success, reason, started)
+
+    @staticmethod
+    def _log_failure(log_fd, log_file):
+        """'task.log: No space left on device' if the log cannot take a byte
+        more (the real reason the task's print failed), else None."""
+        try:
+            os.write(log_fd, b"\n")
+        except OSError as exc:
+            return "%s: %s" % (os.path.basename(log_file), exc.strerror or exc)
+        return None
 
     def _result(self, message, success, reason, started):
         result = {"op": "result", "id": message["id"], "status": 0 if success else 1,
@@ -3539,7 +3559,7 @@ class _WorkerProcess:
             finally:
                 self._call_hook("after_each_task", variables, folder, log_file)
         except (Exception, SystemExit) as exc:
-            traceback.print_exc()
+            _print_traceback()
             error = "%s: %s" % (type(exc).__name__, exc)
         if condition == "ALWAYS_SUCCESS":
             return True, ""
@@ -3553,7 +3573,7 @@ class _WorkerProcess:
         try:
             verified = verify(variables, folder, log_file)
         except Exception as exc:
-            traceback.print_exc()
+            _print_traceback()
             return False, "verify_task_success raised %s: %s" % (type(exc).__name__, exc)
         if verified:
             return True, ""
@@ -3623,6 +3643,15 @@ class _Tee:
         os.close(self.write_fd)
         self._thread.join(KILL_WAIT)
         return not self._thread.is_alive()
+
+
+def _print_traceback():
+    """The traceback of the exception being handled, into the task's log;
+    a log that cannot be written (a full disk) must not end the worker."""
+    try:
+        traceback.print_exc()
+    except (OSError, ValueError):
+        pass
 
 
 def _make_folder(folder):

@@ -303,3 +303,69 @@ def task_method(variables, task_folder, log_file):
 """)
     result = project.run()
     assert result.returncode == 0, result.stderr
+
+
+def test_a_log_that_cannot_grow_fails_that_task_and_the_worker_goes_on(project):
+    """A full disk, a quota or `ulimit -f` under a task's log (here the limit:
+    EFBIG; ENOSPC and EIO take the same path)."""
+    project.write(task="""
+import os, sys
+
+def task_method(variables, task_folder, log_file):
+    print("worker", os.getpid())
+    if variables["x"] == 2:
+        for _ in range(200):
+            print("x" * 100)              # 20 KB: past the limit
+        sys.stdout.flush()
+        os.write(1, b"y" * 20000)     # and at the fd level
+""", variables=RANGE % 5, resources="NUM_WORKERS = 1\n")
+    limit = 8192
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(project.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120,
+                            env=project.env(), preexec_fn=small_files)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert sorted(project.successful()) == ["1", "3", "4"]
+    assert project.failed() == {"2": "task.log: File too large"}
+    workers = {project.log(x).split()[1] for x in ("1", "3", "4")}
+    assert len(workers) == 1           # the same worker, its loaded values kept
+    assert "exited with code" not in result.stdout
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KB tmpfs (root only: skipped elsewhere)."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             universal_newlines=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (%s)" % mounted.stdout.strip())
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)])
+
+
+def test_a_full_disk_under_a_task_fails_that_task_with_the_reason(project, tiny_filesystem):
+    os.makedirs(project.outputs)
+    os.symlink(str(tiny_filesystem), os.path.join(project.outputs, "2"))
+    project.write(task="""
+import os
+
+def task_method(variables, task_folder, log_file):
+    print("worker", os.getpid())
+    if variables["x"] == 2:
+        for _ in range(2000):
+            print("x" * 100)
+""", variables=RANGE % 5, resources="NUM_WORKERS = 1\n")
+    result = project.run()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert project.failed() == {"2": "task.log: No space left on device"}
+    assert sorted(project.successful()) == ["1", "3", "4"]
+    assert len({project.log(x).split()[1] for x in ("1", "3", "4")}) == 1
+    assert "xxxx" not in project.log("3")   # nothing of task 2's output leaks on
