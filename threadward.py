@@ -3208,6 +3208,7 @@ class _WorkerProcess:
         self._send_lock = threading.Lock()
         self._sigterm_raises = False
         self._sigterm_pending = False
+        self._signalling_ourselves = 0   # a task's os.kill/killpg that reaches us is running
         self.retained = {}            # variable name -> (value, nickname, converted)
         self.load_seconds = 0.0       # spent converting changed values for this task
         self._hooks = {}              # hook name -> the user's function, or None
@@ -3318,6 +3319,7 @@ class _WorkerProcess:
         # SIGTERM raises _Terminated only while we wait for a task or run one;
         # elsewhere (sending a result) it is noted and acted on after.
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._watch_own_signals()
         while True:
             try:
                 message = self._next_task()
@@ -3452,7 +3454,42 @@ class _WorkerProcess:
         timer.daemon = True
         timer.start()
 
+    def _watch_own_signals(self):
+        """A task ending its child's process group (os.killpg(os.getpgid(
+        child.pid), SIGTERM), a common idiom) signals this worker too: the
+        child shares its group.  os.kill and os.killpg note a signal aimed at
+        us and run our handler before returning, so that a SIGTERM a task
+        sends is not taken for preemption."""
+        import ctypes
+        check_signals = ctypes.pythonapi.PyErr_CheckSignals
+        real_kill, real_killpg, worker = os.kill, os.killpg, self
+
+        def aimed(function, target, *rest):
+            if os.getpid() != worker.children.pid:   # a forked child: nothing to note
+                return function(target, *rest)
+            worker._signalling_ourselves += 1
+            try:
+                function(target, *rest)
+                check_signals()   # our handler runs now, while the mark is up
+            finally:
+                worker._signalling_ourselves -= 1
+
+        def kill(pid, sig):
+            if pid in (0, os.getpid()) or -pid == os.getpgrp():
+                return aimed(real_kill, pid, sig)
+            return real_kill(pid, sig)
+
+        def killpg(pgid, sig):
+            if pgid in (0, os.getpgrp()):
+                return aimed(real_killpg, pgid, sig)
+            return real_killpg(pgid, sig)
+
+        kill.__doc__, killpg.__doc__ = real_kill.__doc__, real_killpg.__doc__
+        os.kill, os.killpg = kill, killpg
+
     def _on_sigterm(self, signum, frame):
+        if self._signalling_ourselves:
+            return   # a task's own os.killpg of its child's group: not for us
         if self._sigterm_raises:
             raise _Terminated()
         self._sigterm_pending = True

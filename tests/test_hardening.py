@@ -369,3 +369,22 @@ def task_method(variables, task_folder, log_file):
     assert sorted(project.successful()) == ["1", "3", "4"]
     assert len({project.log(x).split()[1] for x in ("1", "3", "4")}) == 1
     assert "xxxx" not in project.log("3")   # nothing of task 2's output leaks on
+
+
+def test_a_task_ending_its_childs_process_group_does_not_end_itself(project):
+    project.write(task="""
+import os, signal, subprocess, time
+
+def task_method(variables, task_folder, log_file):
+    child = subprocess.Popen(["sleep", "60"])
+    time.sleep(0.1)
+    os.killpg(os.getpgid(child.pid), signal.SIGTERM)   # the idiom: it reaches us too
+    assert child.wait(timeout=10) == -signal.SIGTERM
+    time.sleep(0.2)
+    print("carried on")
+""", variables=RANGE % 4, resources="NUM_WORKERS = 1\n")
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(project.successful()) == ["1", "2", "3"]
+    assert "SIGTERM from outside" not in result.stdout
+    assert "carried on" in project.log("3")
