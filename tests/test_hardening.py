@@ -388,3 +388,35 @@ def task_method(variables, task_folder, log_file):
     assert sorted(project.successful()) == ["1", "2", "3"]
     assert "SIGTERM from outside" not in result.stdout
     assert "carried on" in project.log("3")
+
+
+def test_one_eta_counts_down_between_results(project, monkeypatch):
+    """The progress line, `show` and status.json read one estimate, made at
+    the last result: two seconds later it is two seconds less (before, each
+    view divided the growing elapsed time by the same count and went up)."""
+    import threadward
+    clock = [1000.0]
+    monkeypatch.setattr(threadward.time, "monotonic", lambda: clock[0])
+    import io
+    out = io.StringIO()
+    run = threadward.Threadward(project.dir, out=out)
+    run._started, run.total, run.succeeded = 990.0, 10, 5
+    run._estimate_finish()          # 10 s for 5 tasks: 10 s left
+    assert run._eta() == 10.0
+    clock[0] += 2
+    assert run._eta() == 8.0
+    run._report_progress()          # the progress line (5 of 10: a tenth passed)
+    assert "ETA 0:00:08" in out.getvalue()
+
+
+def test_the_template_comment_names_a_folder_the_demo_makes(tmp_path):
+    threadward_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "threadward.py")
+    subprocess.run([sys.executable, threadward_py, "init", str(tmp_path)], check=True,
+                   stdout=subprocess.DEVNULL)
+    with open(tmp_path / "threadward" / "variable_iteration.py") as stream:
+        comment = [line for line in stream if "VARIABLE_SUBFOLDER" in line and "#" in line][0]
+    example = comment.split()[3]
+    subprocess.run([sys.executable, threadward_py, "run", str(tmp_path)], check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    assert os.path.isdir(tmp_path / "threadward" / "task_outputs" / example), example
