@@ -18,6 +18,37 @@ def setup_variable_set(variable_set):
 """
 
 
+MARKED = """
+import os, time
+%s
+
+def task_method(variables, task_folder, log_file):
+    open(%r, "a").close()
+    time.sleep(%s)
+"""
+
+
+def signalled(project, started, signum, settings="", seconds=1.0):
+    """Run 4 tasks on one worker; send ``signum`` once the first has started."""
+    project.write(task=MARKED % (settings, str(started), seconds), variables=RANGE % 5,
+                  resources="NUM_WORKERS = 1\n")
+    run = project.start()
+    wait_for(started.exists)
+    run.send_signal(signum)
+    out, err = run.communicate(timeout=60)
+    return run.returncode, out, err
+
+
+def with_file_limit(project, limit):
+    """`threadward run` under `ulimit -f` (bytes): a larger file is EFBIG."""
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(project.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=120,
+                          env=project.env(), preexec_fn=small_files)
+
+
 def test_stop_execution_starts_nothing_after_the_first_failure(project):
     # Short tasks are queued ahead: x = 4 was sent before x = 3's failure came.
     project.write(task="""
@@ -64,21 +95,9 @@ def test_nan_is_a_configuration_error(project, name):
 
 
 def test_infinite_sigterm_grace_lets_running_tasks_finish(project, tmp_path):
-    started = tmp_path / "started"
-    project.write(task="""
-import os, time
-SIGTERM_GRACE = float("inf")
-TASK_TIMEOUT = float("inf")
-
-def task_method(variables, task_folder, log_file):
-    open(%r, "a").close()
-    time.sleep(1.5)
-""" % str(started), variables=RANGE % 5, resources="NUM_WORKERS = 1\n")
-    run = project.start()
-    wait_for(started.exists)
-    run.send_signal(signal.SIGTERM)
-    out, err = run.communicate(timeout=60)
-    assert run.returncode == 1, out + err
+    code, out, err = signalled(project, tmp_path / "started", signal.SIGTERM, seconds=1.5,
+                               settings='SIGTERM_GRACE = TASK_TIMEOUT = float("inf")')
+    assert code == 1, out + err
     assert "running tasks may take as long as they need" in out
     assert project.successful() == ["1"] and project.failed() == {}
     assert "Traceback" not in err
@@ -86,14 +105,7 @@ def task_method(variables, task_folder, log_file):
 
 def test_an_unwritable_task_list_is_one_line_and_nothing_half_written(project):
     project.write(variables=RANGE % 2000)
-    limit = 4096
-
-    def small_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    result = subprocess.run(project.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120,
-                            env=project.env(), preexec_fn=small_files)
+    result = with_file_limit(project, 4096)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -142,19 +154,8 @@ def test_stale_temporary_files_are_removed_and_live_ones_kept(project):
 
 
 def test_sighup_is_handled_like_sigterm(project, tmp_path):
-    started = tmp_path / "started"
-    project.write(task="""
-import time
-
-def task_method(variables, task_folder, log_file):
-    open(%r, "a").close()
-    time.sleep(1)
-""" % str(started), variables=RANGE % 5, resources="NUM_WORKERS = 1\n")
-    run = project.start()
-    wait_for(started.exists)
-    run.send_signal(signal.SIGHUP)
-    out, err = run.communicate(timeout=60)
-    assert run.returncode == 1, out + err
+    code, out, err = signalled(project, tmp_path / "started", signal.SIGHUP)
+    assert code == 1, out + err
     assert "SIGHUP: no new tasks" in out
     assert project.successful() == ["1"] and project.failed() == {}
     assert "stopped (stopped by SIGHUP)" in out
@@ -163,13 +164,8 @@ def task_method(variables, task_folder, log_file):
 def test_sighup_after_the_terminal_is_gone_still_finishes_and_records(project, tmp_path):
     """The terminal closed: writing to it fails; the run goes on quietly."""
     started = tmp_path / "started"
-    project.write(task="""
-import time
-
-def task_method(variables, task_folder, log_file):
-    open(%r, "a").close()
-    time.sleep(1)
-""" % str(started), variables=RANGE % 5, resources="NUM_WORKERS = 1\n")
+    project.write(task=MARKED % ("", str(started), 1.0), variables=RANGE % 5,
+                  resources="NUM_WORKERS = 1\n")
     read_end, write_end = os.pipe()
     run = subprocess.Popen(project.command(), stdin=subprocess.DEVNULL, stdout=write_end,
                            stderr=write_end, env=project.env())
@@ -319,14 +315,7 @@ def task_method(variables, task_folder, log_file):
         sys.stdout.flush()
         os.write(1, b"y" * 20000)     # and at the fd level
 """, variables=RANGE % 5, resources="NUM_WORKERS = 1\n")
-    limit = 8192
-
-    def small_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    result = subprocess.run(project.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120,
-                            env=project.env(), preexec_fn=small_files)
+    result = with_file_limit(project, 8192)
     assert result.returncode == 1, result.stdout + result.stderr
     assert sorted(project.successful()) == ["1", "3", "4"]
     assert project.failed() == {"2": "task.log: File too large"}
