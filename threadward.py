@@ -188,6 +188,9 @@ NVIDIA_SMI_TIMEOUT = 10.0
 # process of it is killed: exit handlers that flush and upload (wandb,
 # mlflow) have time, a hung one cannot keep the run from ending.
 EXIT_WAIT = 10.0
+# A SIGTERM that reaches a worker this soon after one of its task's threads
+# aimed os.kill/os.killpg at the worker's process group was the task's own.
+OWN_SIGNAL_WINDOW = 0.5
 # Log lines of a dead worker's task shown on the console.
 LOG_TAIL_LINES = 5
 
@@ -1218,23 +1221,32 @@ def _assigned_names(path):
     return found
 
 
-def _near(name, setting):
-    """A letter or two off (edit distance; one for names under 8 letters)."""
-    if abs(len(name) - len(setting)) > 2:
-        return False
-    row = list(range(len(setting) + 1))
-    for i, a in enumerate(name, 1):
-        previous, row[0] = row[0], i
-        for j, b in enumerate(setting, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (a != b))
-    return 0 < row[-1] <= (2 if len(setting) >= 8 else 1)
+def _slip(name, setting):
+    """How ``name`` is one slip off ``setting``: "missing" (a letter left
+    out), "swapped" (two neighbours), "other" (one letter more or changed),
+    or None."""
+    if len(name) == len(setting) - 1:
+        return "missing" if any(setting[:i] + setting[i + 1:] == name
+                                for i in range(len(setting))) else None
+    if len(name) == len(setting) + 1:
+        return "other" if any(name[:i] + name[i + 1:] == setting
+                              for i in range(len(name))) else None
+    if len(name) != len(setting) or name == setting:
+        return None
+    differ = [i for i in range(len(name)) if name[i] != setting[i]]
+    if len(differ) == 2 and differ[1] == differ[0] + 1 and \
+            name[differ[0]] == setting[differ[1]] and name[differ[1]] == setting[differ[0]]:
+        return "swapped"
+    return "other" if len(differ) == 1 else None
 
 
 def _check_setting_names(path):
     """A known setting in the wrong file, or a misspelled one, would be
     ignored without a word; the user's own constants (DATA_DIR) are fine."""
     filename = os.path.basename(path)
-    for name, line in _assigned_names(path):
+    assigned = _assigned_names(path)
+    present = {name for name, _ in assigned}
+    for name, line in assigned:
         if not name.isupper() or name.startswith("_") or name in SETTINGS[filename]:
             continue
         where = "%s:%d" % (_display_path(path), line)
@@ -1244,7 +1256,10 @@ def _check_setting_names(path):
                                   "would be ignored)" % (name, other, filename), where)
         for other, names in SETTINGS.items():
             for setting in names:
-                if _near(name, setting):
+                slip = _slip(name, setting)
+                # A letter more or changed next to the real setting is more
+                # likely a constant of the user's (OUTPUT_MODEL, GPUS_PER_WORKER).
+                if slip and (slip != "other" or setting not in present):
                     raise ConfigError("%s is not a setting; did you mean %s?%s" % (
                         name, setting, "" if other == filename else " (it belongs in %s)"
                         % other), where)
@@ -2013,6 +2028,11 @@ class _RunLock:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
+            if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(fd)   # NFS without lockd, Lustre mounted noflock
+                _stderr("warning: this filesystem has no locks (%s): nothing keeps a second "
+                        "`threadward run` off this project" % exc.strerror)
+                return ""
             os.close(fd)
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
                 raise ThreadwardError("cannot lock %s: %s" % (_display_path(self.path), exc))
@@ -2111,7 +2131,10 @@ class Threadward:
         taken_over = self._lock.acquire()
         if taken_over:
             self._say("taking over from a run that ended without letting go of the "
-                      "project (%s)" % taken_over)
+                      "project (%s)%s" % (taken_over, "" if " on %s since " % os.uname().nodename
+                                          in taken_over else "; if it is still going on "
+                                          "there, stop this one: locks on this filesystem may "
+                                          "not reach across hosts"))
         try:
             return self._run_locked()
         finally:
@@ -2154,9 +2177,9 @@ class Threadward:
                 if not self._call_main_hook("after_all_tasks"):
                     self._hook_failed = True
         finally:
-            self._reap_orphans(block=True)
-            _become_subreaper(False)   # a library caller's process is left as it was
             self._restore_signal_handlers()
+            self._reap_orphans(until=time.monotonic() + KILL_WAIT)
+            _become_subreaper(False)   # a library caller's process is left as it was
             self._monitor.close()
             self._write_status("finished")
             self._selector.close()
@@ -2444,11 +2467,14 @@ class Threadward:
             self._selector.unregister(worker.process.stderr.fileno())
             worker.process.stderr.close()
             return
-        for line in lines:
-            text = line.decode("utf-8", "replace").rstrip()
-            worker.stderr_tail.append(text)
-            sys.stderr.write("[worker %d] %s\n" % (worker.worker_id, text))
-        sys.stderr.flush()
+        try:
+            for line in lines:
+                text = line.decode("utf-8", "replace").rstrip()
+                worker.stderr_tail.append(text)
+                sys.stderr.write("[worker %d] %s\n" % (worker.worker_id, text))
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            self._terminal_gone()
 
     def _on_worker_readable(self, worker):
         lines, ended = worker.read_lines()
@@ -2528,45 +2554,43 @@ class Threadward:
         if self._orphans:
             self._reap_orphans()
 
-    def _orphans_now(self):
-        """Children of ours that a dead worker left: not a worker, not
-        nvidia-smi, not of before_all_tasks, and (unlike what a result hook
-        starts) in a session other than ours, as the workers' are."""
+    def _end_orphans(self):
+        """A local worker has died: what its tasks left running came to us
+        (the main process is a subreaper while it runs) and is killed now:
+        our children that are not workers, nvidia-smi or before_all_tasks'
+        processes and that live, as a worker's do, in a session not ours
+        (what a result hook starts lives in ours)."""
         known = self._own_children | self._monitor.pids() | {
             worker.pid for worker in self._workers.values()}
         ours = os.getsid(0)
-        found = set()
-        for pid in _child_pids() - known:
+        orphans = set()
+        for pid in _child_pids() - known - self._orphans:
             try:
                 if os.getsid(pid) != ours:
-                    found.add(pid)
+                    orphans.add(pid)
             except OSError:
                 pass
-        return found
-
-    def _end_orphans(self):
-        """A worker has died: what its tasks left running came to us (the
-        main process is a subreaper while it runs), and ends now."""
-        orphans = self._orphans_now()
-        for pid in _descendants(orphans - self._orphans):
+        for pid in _descendants(orphans):
             try:
                 os.kill(pid, signal.SIGKILL)
+                self._orphans.add(pid)
             except OSError:
                 pass
-        self._orphans |= orphans
 
-    def _reap_orphans(self, block=False):
-        """Reap the killed orphans (and, while the run goes on, those of
-        theirs that came to us as they died)."""
-        if not block:
-            self._orphans |= self._orphans_now()
-        for pid in list(self._orphans):
-            try:
-                if os.waitpid(pid, 0 if block else os.WNOHANG)[0] == 0:
-                    continue
-            except ChildProcessError:
-                pass
-            self._orphans.discard(pid)
+    def _reap_orphans(self, until=None):
+        """Reap the killed orphans as they come to us, forget those gone;
+        ``until``: wait for them up to then (at the end of the run)."""
+        while self._orphans:
+            for pid in list(self._orphans):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        self._orphans.discard(pid)
+                except ChildProcessError:   # not ours (yet): a killed grandchild
+                    if not _pid_alive(pid):
+                        self._orphans.discard(pid)
+            if until is None or time.monotonic() >= until:
+                return
+            time.sleep(0.05)   # after the loop: a killed process's exit is a moment away
 
     def _on_worker_exit(self, worker):
         """The worker's pipe has closed and its process is gone."""
@@ -2576,7 +2600,8 @@ class Threadward:
         worker.state = Worker.EXITED
         worker.deadline = None
         del self._workers[worker.worker_id]
-        self._end_orphans()
+        if worker.returncode != 0 and self._launcher.kind == "local":
+            self._end_orphans()   # it died: what its tasks started came to us
         self._put_back_queued(worker)   # first: what was queued undoes its joins
         self.scheduler.forget(worker.worker_id)
         reason = worker.exit_reason()
@@ -2895,6 +2920,8 @@ class Threadward:
                                                            warn_on_full_buffer=False)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
                     signal.SIGCHLD):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue   # `nohup threadward run`: the user asked to ride out a hang-up
             # The handler only records (via the wakeup fd); the loop acts.
             self._old_signals[sig] = signal.signal(sig, lambda signum, frame: None)
         self._selector.register(read_fd, selectors.EVENT_READ, self._on_signals)
@@ -3173,7 +3200,9 @@ class _Children:
 
     def started_by(self, name, before):
         """The converter of ``name`` has returned: what it started is its value's."""
-        self.of_value[name] = _child_pids() - before - self.helpers
+        # With their descendants: `server &` in a shell is the shell's child
+        # now, and ours when the shell has exited.
+        self.of_value[name] = set(_descendants(_child_pids() - before - self.helpers))
 
     def drop_value(self, name):
         """The value of ``name`` is dropped: end what its converter started."""
@@ -3208,7 +3237,8 @@ class _WorkerProcess:
         self._send_lock = threading.Lock()
         self._sigterm_raises = False
         self._sigterm_pending = False
-        self._signalling_ourselves = 0   # a task's os.kill/killpg that reaches us is running
+        self._own_signal_at = None    # when a task last aimed os.kill/killpg at our group
+        self._forked = False          # True in a process a task forked
         self.retained = {}            # variable name -> (value, nickname, converted)
         self.load_seconds = 0.0       # spent converting changed values for this task
         self._hooks = {}              # hook name -> the user's function, or None
@@ -3306,7 +3336,7 @@ class _WorkerProcess:
             self.converters = self.project.converters()
             self.spec = self.project.task_module
             self._call_hook("before_each_worker", self.worker_id)
-            self.children.of_worker = _child_pids()
+            self.children.of_worker = set(_descendants(_child_pids()))
         except BaseException as exc:
             _print_traceback()
             error = str(exc) if isinstance(exc, ConfigError) else traceback.format_exc()
@@ -3425,6 +3455,9 @@ class _WorkerProcess:
         Nothing of the worker's goes with it: SIGTERM ends it as usual, and it
         holds no end of the protocol channel nor the main process's stderr
         (which would keep them open after the worker is gone)."""
+        if self._forked:
+            return   # a fork's fork: those fd numbers are its parent's own files now
+        self._forked = True
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         except ValueError:
@@ -3467,15 +3500,13 @@ class _WorkerProcess:
         def aimed(function, target, *rest):
             if os.getpid() != worker.children.pid:   # a forked child: nothing to note
                 return function(target, *rest)
-            worker._signalling_ourselves += 1
-            try:
-                function(target, *rest)
-                check_signals()   # our handler runs now, while the mark is up
-            finally:
-                worker._signalling_ourselves -= 1
+            worker._own_signal_at = time.monotonic()
+            function(target, *rest)
+            if threading.current_thread() is threading.main_thread():
+                check_signals()   # our handler runs now, while the mark is fresh
 
         def kill(pid, sig):
-            if pid in (0, os.getpid()) or -pid == os.getpgrp():
+            if pid == 0 or -pid == os.getpgrp():
                 return aimed(real_kill, pid, sig)
             return real_kill(pid, sig)
 
@@ -3488,8 +3519,9 @@ class _WorkerProcess:
         os.kill, os.killpg = kill, killpg
 
     def _on_sigterm(self, signum, frame):
-        if self._signalling_ourselves:
-            return   # a task's own os.killpg of its child's group: not for us
+        if self._own_signal_at is not None and \
+                time.monotonic() - self._own_signal_at < OWN_SIGNAL_WINDOW:
+            return   # a task's own os.killpg of its child's group (any thread): not for us
         if self._sigterm_raises:
             raise _Terminated()
         self._sigterm_pending = True
@@ -3555,7 +3587,7 @@ class _WorkerProcess:
             self._point_output(tee.write_fd)
         try:
             success, reason = self._run_hooks(message["vars"], folder, log_file)
-            if not success:
+            if not success and mode == "LOG_FILE_ONLY":
                 reason = self._log_failure(log_fd, log_file) or reason
         finally:
             self._point_output(self.worker_log_fd)
@@ -3791,8 +3823,11 @@ def _worker_main(argv):
     worker = _WorkerProcess(project_dir, worker_id, report_stats="--report-stats" in argv[2:])
     # Registered before any user code imports multiprocessing: it runs last.
     atexit.register(worker.children.end_all)
-    code = worker.run()
-    worker.leave(code)
+    code = 1
+    try:
+        code = worker.run()
+    finally:
+        worker.leave(code)
     return code
 
 

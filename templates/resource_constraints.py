@@ -19,6 +19,14 @@ NUM_GPUS_PER_WORKER = 0
 AVOID_GPUS = None
 INCLUDE_GPUS = None
 
+# Each worker's share of the CPU: its OMP_NUM_THREADS, MKL_NUM_THREADS and
+# the like (PyTorch, numpy and scikit-learn follow them).  None: the cores
+# this process may use / the workers (at least 1); a variable you set in the
+# environment yourself is kept.  PIN_CPUS = True also pins each worker to
+# CPUS_PER_WORKER cores of its own (LAUNCHER = "local" only).
+CPUS_PER_WORKER = None
+PIN_CPUS = False
+
 # How workers are started (default "local": processes on this machine).
 #   "slurm"   each worker is one Slurm job step: srun --nodes=1 --ntasks=1
 #             (--exact inside an allocation) --gpus=NUM_GPUS_PER_WORKER;

@@ -293,6 +293,9 @@ DATA_DIR = "/data"
 BATCH_SIZE = 32
 NUM_WORKERS_DATALOADER = 4
 MAX_WORKERS = 3
+N_WORKERS = 2
+OUTPUT_MODE = "LOG_FILE_ONLY"
+OUTPUT_MODEL = "gpt2"   # one letter more than a setting the file sets: the user's own
 
 def task_method(variables, task_folder, log_file):
     pass
@@ -409,3 +412,55 @@ def test_the_template_comment_names_a_folder_the_demo_makes(tmp_path):
     subprocess.run([sys.executable, threadward_py, "run", str(tmp_path)], check=True,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     assert os.path.isdir(tmp_path / "threadward" / "task_outputs" / example), example
+
+
+def test_sighup_under_nohup_is_still_ignored(project, tmp_path):
+    started = tmp_path / "started"
+    project.write(task=MARKED % ("", str(started), 0.5), variables=RANGE % 4,
+                  resources="NUM_WORKERS = 1\n")
+    run = subprocess.Popen(project.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, env=project.env(),
+                           preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    wait_for(started.exists)
+    run.send_signal(signal.SIGHUP)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, out + err
+    assert sorted(project.successful()) == ["1", "2", "3"]
+
+
+def test_a_thread_ending_its_childs_process_group_does_not_end_the_worker(project):
+    project.write(task="""
+import os, signal, subprocess, threading, time
+
+def task_method(variables, task_folder, log_file):
+    child = subprocess.Popen(["sleep", "60"])
+    stopper = threading.Timer(0.1, os.killpg, args=(os.getpgid(child.pid), signal.SIGTERM))
+    stopper.start()
+    assert child.wait(timeout=10) == -signal.SIGTERM
+    stopper.join()
+    time.sleep(0.2)
+    print("carried on")
+""", variables=RANGE % 3, resources="NUM_WORKERS = 1\n")
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(project.successful()) == ["1", "2"]
+    assert "carried on" in project.log("2")
+
+
+def test_a_process_a_result_hook_starts_in_its_own_session_survives_the_run(project, tmp_path):
+    pid_file = tmp_path / "hook.pid"
+    project.write(variables=RANGE % 3 + """
+import subprocess
+
+def on_task_success(variables, task_folder, log_file):
+    if variables["x"] == 1:
+        p = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        open(%r, "w").write(str(p.pid))
+""" % str(pid_file))
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, 0)   # still there after every worker has exited
+    finally:
+        os.kill(pid, signal.SIGKILL)

@@ -362,3 +362,58 @@ def task_method(variables, task_folder, log_file):
     for x in (1, 2):
         log = project.log(str(x))
         assert "epoch %d: 100%%" % x in log and "50/50" in log, log
+
+
+def test_a_fork_of_a_fork_works(project):
+    """The worker's at-fork clean-up runs in its own children only: in theirs
+    the same fd numbers are their own pipes."""
+    project.write(resources="NUM_WORKERS = 1\n", variables="""
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=[1, 2])
+""", task="""
+import multiprocessing, sys
+
+def leaf():
+    pass
+
+def middle():
+    inner = multiprocessing.get_context("fork").Process(target=leaf)
+    inner.start()
+    inner.join()
+    sys.exit(inner.exitcode)
+
+def task_method(variables, task_folder, log_file):
+    outer = multiprocessing.get_context("fork").Process(target=middle)
+    outer.start()
+    outer.join()
+    assert outer.exitcode == 0, outer.exitcode
+""")
+    result = project.run(timeout=120)
+    check_succeeded(project, result, 2)
+
+
+def test_a_background_server_a_converter_starts_through_a_shell_is_kept(project):
+    project.write(resources="NUM_WORKERS = 1\n", variables="""
+import subprocess
+
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="server", values=["a", "b"])
+    variable_set.add_variable(name="x", values=[1, 2])
+
+def server_to_value(string_value, nickname):
+    shell = subprocess.Popen("sleep 300 & echo $!", shell=True, stdout=subprocess.PIPE,
+                             universal_newlines=True)
+    return int(shell.stdout.readline())   # the shell may still be there, or gone
+""", task="""
+import json, os
+
+def task_method(variables, task_folder, log_file):
+    os.kill(variables["server"], 0)   # still running
+    with open(os.path.join(task_folder, "result.json"), "w") as stream:
+        json.dump({"pids": [variables["server"]]}, stream)
+""")
+    result = project.run(timeout=120)
+    check_succeeded(project, result, 4)
+    seen = results(project)
+    assert seen["a/1"] == seen["a/2"] and seen["b/1"] == seen["b/2"]
+    wait_for(lambda: not any(alive(pid) for pid in stray_pids(project)), timeout=30)
