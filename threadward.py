@@ -2261,8 +2261,8 @@ class Threadward:
                 pass
             if isinstance(exc, OSError):   # a full disk, a quota, `ulimit -f`
                 raise ThreadwardError("cannot write %s: %s; nothing was run (free space, "
-                                      "then run again)" % (_display_path(path),
-                                                          exc.strerror or exc))
+                                      "then run again)"
+                                      % (_display_path(path), exc.strerror or exc))
             raise
         self.scheduler = scheduler
         self.total = len(scheduler)
