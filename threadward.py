@@ -546,6 +546,49 @@ def _end_processes(pids, grace=KILL_WAIT):
             pass
 
 
+class _Orphans:
+    """(The main process, a subreaper while it runs.)  What the tasks of a
+    local worker that died left running comes to us: it is killed, then
+    reaped as it goes."""
+
+    def __init__(self):
+        self.killed = set()   # not yet reaped
+
+    def end(self, known):
+        """Kill our children but ``known`` (workers, nvidia-smi, before_all_tasks'
+        processes) that live, as a worker's do, in a session not ours (what a
+        result hook starts lives in ours)."""
+        ours = os.getsid(0)
+        orphans = set()
+        for pid in _child_pids() - known - self.killed:
+            try:
+                if os.getsid(pid) != ours:
+                    orphans.add(pid)
+            except OSError:
+                pass
+        for pid in _descendants(orphans):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                self.killed.add(pid)
+            except OSError:
+                pass
+
+    def reap(self, until=None):
+        """Reap those that have come to us, forget those gone; ``until``:
+        wait for them up to then (at the end of the run)."""
+        while self.killed:
+            for pid in list(self.killed):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        self.killed.discard(pid)
+                except ChildProcessError:   # not ours (yet): a killed grandchild
+                    if not _pid_alive(pid):
+                        self.killed.discard(pid)
+            if until is None or time.monotonic() >= until:
+                return
+            time.sleep(0.05)   # after the loop: a killed process's exit is a moment away
+
+
 def _referenced_elsewhere(items):
     """Those of ``items`` (a set) that something besides the set refers to.
     The reference count of an object in the set alone is measured on the
@@ -2085,7 +2128,7 @@ class Threadward:
         self._stop_deadline = None    # SIGTERM: when running tasks are ended
         self._pending_starts = []     # (when, slot): retries of workers that failed to start
         self._own_children = set()    # processes of before_all_tasks: not orphans
-        self._orphans = set()         # left by workers that died; killed, not yet reaped
+        self._orphans = _Orphans()    # what workers that died left running
 
         self._wakeup = None
         self._old_signals = {}
@@ -2178,7 +2221,7 @@ class Threadward:
                     self._hook_failed = True
         finally:
             self._restore_signal_handlers()
-            self._reap_orphans(until=time.monotonic() + KILL_WAIT)
+            self._orphans.reap(until=time.monotonic() + KILL_WAIT)
             _become_subreaper(False)   # a library caller's process is left as it was
             self._monitor.close()
             self._write_status("finished")
@@ -2551,46 +2594,8 @@ class Threadward:
         for worker in list(self._workers.values()):
             if worker.process.stdout.closed and worker.poll() is not None:
                 self._on_worker_exit(worker)
-        if self._orphans:
-            self._reap_orphans()
-
-    def _end_orphans(self):
-        """A local worker has died: what its tasks left running came to us
-        (the main process is a subreaper while it runs) and is killed now:
-        our children that are not workers, nvidia-smi or before_all_tasks'
-        processes and that live, as a worker's do, in a session not ours
-        (what a result hook starts lives in ours)."""
-        known = self._own_children | self._monitor.pids() | {
-            worker.pid for worker in self._workers.values()}
-        ours = os.getsid(0)
-        orphans = set()
-        for pid in _child_pids() - known - self._orphans:
-            try:
-                if os.getsid(pid) != ours:
-                    orphans.add(pid)
-            except OSError:
-                pass
-        for pid in _descendants(orphans):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                self._orphans.add(pid)
-            except OSError:
-                pass
-
-    def _reap_orphans(self, until=None):
-        """Reap the killed orphans as they come to us, forget those gone;
-        ``until``: wait for them up to then (at the end of the run)."""
-        while self._orphans:
-            for pid in list(self._orphans):
-                try:
-                    if os.waitpid(pid, os.WNOHANG)[0]:
-                        self._orphans.discard(pid)
-                except ChildProcessError:   # not ours (yet): a killed grandchild
-                    if not _pid_alive(pid):
-                        self._orphans.discard(pid)
-            if until is None or time.monotonic() >= until:
-                return
-            time.sleep(0.05)   # after the loop: a killed process's exit is a moment away
+        if self._orphans.killed:
+            self._orphans.reap()
 
     def _on_worker_exit(self, worker):
         """The worker's pipe has closed and its process is gone."""
@@ -2601,7 +2606,9 @@ class Threadward:
         worker.deadline = None
         del self._workers[worker.worker_id]
         if worker.returncode != 0 and self._launcher.kind == "local":
-            self._end_orphans()   # it died: what its tasks started came to us
+            # It died: what its tasks started came to us.
+            self._orphans.end(self._own_children | self._monitor.pids() | {
+                other.pid for other in self._workers.values()})
         self._put_back_queued(worker)   # first: what was queued undoes its joins
         self.scheduler.forget(worker.worker_id)
         reason = worker.exit_reason()
