@@ -203,7 +203,9 @@ import os, time
 
 def task_method(variables, task_folder, log_file):
     open(os.path.join(os.path.dirname(task_folder), "started"), "a").close()
-    while not os.path.exists(os.path.join(os.path.dirname(task_folder), "go")):
+    deadline = time.monotonic() + 120   # a failed test must not leave a run behind
+    while not os.path.exists(os.path.join(os.path.dirname(task_folder), "go")) and \
+            time.monotonic() < deadline:
         time.sleep(0.02)
 """
 
