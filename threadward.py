@@ -497,15 +497,13 @@ def _kill_descendants(pid="self"):
     orphans of the killed come back to a subreaper."""
     for _ in range(3):
         victims = _descendants(_child_pids(pid))
-        alive = False
+        if not victims:
+            return
         for victim in victims:
             try:
                 os.kill(victim, signal.SIGKILL)
-                alive = True
             except OSError:
                 pass
-        if not alive:
-            return
 
 
 def _end_everything(code=1):
@@ -3497,9 +3495,10 @@ class _WorkerProcess:
     def _watch_own_signals(self):
         """A task ending its child's process group (os.killpg(os.getpgid(
         child.pid), SIGTERM), a common idiom) signals this worker too: the
-        child shares its group.  os.kill and os.killpg note a signal aimed at
-        us and run our handler before returning, so that a SIGTERM a task
-        sends is not taken for preemption."""
+        child shares its group.  os.kill and os.killpg note when a task aims
+        a signal at our group (from any thread; on the main thread our
+        handler also runs before they return), and a SIGTERM within
+        OWN_SIGNAL_WINDOW of that is not taken for preemption."""
         import ctypes
         check_signals = ctypes.pythonapi.PyErr_CheckSignals
         real_kill, real_killpg, worker = os.kill, os.killpg, self
