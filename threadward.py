@@ -3206,8 +3206,16 @@ class _Children:
     def started_by(self, name, before):
         """The converter of ``name`` has returned: what it started is its value's."""
         # With their descendants: `server &` in a shell is the shell's child
-        # now, and ours when the shell has exited.
-        self.of_value[name] = set(_descendants(_child_pids() - before - self.helpers))
+        # now, and ours once the shell has exited -- which it may do while we
+        # look, so look again until no new child has come back to us.
+        owned, children = set(), set()
+        while True:
+            new = _child_pids() - before - self.helpers
+            if new <= children:
+                break
+            children |= new
+            owned.update(_descendants(new))
+        self.of_value[name] = owned
 
     def drop_value(self, name):
         """The value of ``name`` is dropped: end what its converter started."""
