@@ -96,6 +96,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 
 _POSIX = os.name == "posix"
 
@@ -127,12 +128,10 @@ def _import_gputil():
 
 
 ###############################################################################
-# Constants and protocol ######################################################
+# Constants ###################################################################
 ###############################################################################
 
 WORKER_MODE = "__threadward_worker__"   # argv[1] that turns main() into a worker
-SHUT_DOWN = "SHUT_DOWN"
-CANCEL = "CANCEL"
 
 SUCCESS_CONDITIONS = ("NO_ERROR_AND_VERIFY", "NO_ERROR_ONLY", "VERIFY_ONLY", "ALWAYS_SUCCESS")
 OUTPUT_MODES = ("LOG_FILE_ONLY", "CONSOLE_ONLY", "LOG_FILE_AND_CONSOLE")
@@ -180,6 +179,16 @@ CANCEL_CHECK_INTERVAL = 1.0
 # this many seconds at the earliest (each ask looks at every task held; with
 # many workers and short tasks, asking at every event would load the loop).
 WAIT_RECHECK = 0.1
+# The scheduler's join policy (its section says how it works): a running
+# task looks stuck past OVERDUE_FACTOR x its expected time -- the longest task
+# measured on its path, or, for one that loads, LOAD_OVERDUE_FACTOR x the
+# longest load measured (a big model can take ten times a small one) plus the
+# longest task.  Lower factors rescue hung tasks sooner and split branches for
+# merely slow ones.  Before any task is measured, a task counts as
+# UNMEASURED_TASK_SECONDS when branches are compared.
+OVERDUE_FACTOR = 2.0
+LOAD_OVERDUE_FACTOR = 10.0
+UNMEASURED_TASK_SECONDS = 1.0
 # Status file and monitoring refresh.
 STATUS_INTERVAL = 2.0
 NVIDIA_SMI_TIMEOUT = 10.0
@@ -274,27 +283,20 @@ def _stderr(message):
         pass   # the terminal is gone (SIGHUP, a closed pipe): nobody to tell
 
 
-class _LineBuffer:
-    """Turns chunks of bytes into complete lines; keeps the unfinished tail."""
-
-    def __init__(self):
-        self._tail = b""
-
-    def feed(self, data):
-        lines = (self._tail + data).split(b"\n")
-        self._tail = lines.pop()
-        return lines
-
-    def close(self):
-        """The unterminated last line, if any (the writer died mid-line)."""
-        tail, self._tail = self._tail, b""
-        return tail
-
-
 def _write_all(fd, data):
     while data:
         written = os.write(fd, data)
         data = data[written:]
+
+
+def _log_tail(path, count=LOG_TAIL_LINES):
+    """The last ``count`` lines of a log ([] if it cannot be read)."""
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(max(0, os.fstat(stream.fileno()).st_size - 4096))
+            return stream.read().decode("utf-8", "replace").splitlines()[-count:]
+    except OSError:
+        return []
 
 
 def _readable_now(fd):
@@ -302,11 +304,6 @@ def _readable_now(fd):
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
-
-
-# JSON without json.dumps's per-call set-up, for protocol lines.
-_json_text = json.JSONEncoder().encode
-_json_decode = json.JSONDecoder().decode
 
 
 def _hook_of(cache, module, name):
@@ -625,6 +622,108 @@ def _pool_pids():
 
 
 ###############################################################################
+# Protocol ####################################################################
+###############################################################################
+#
+# The only place the wire format lives (the map at the top shows it).  Lines
+# on the worker's private copies of fd 0 and 1: the parent sends task lines,
+# CANCEL and SHUT_DOWN; the worker answers with one JSON object per line,
+# whose "op" says what it is.
+
+SHUT_DOWN = b"SHUT_DOWN"
+CANCEL = b"CANCEL"
+OP_TASK, OP_READY, OP_RESULT, OP_CANCELLED, OP_TERMINATED, OP_FATAL, OP_STATS = (
+    "task", "ready", "result", "cancelled", "terminated", "fatal", "stats")
+
+# JSON without json.dumps's per-call set-up: a task line per task.
+_json_text = json.JSONEncoder().encode
+_json_decode = json.JSONDecoder().decode
+
+# A task's "vars" entry, [name, value, nickname]; its JSON texts are made
+# once per value (VariableSet.texts) and joined per task.
+TASK_VARIABLE = "[%s,%s,%s]"
+
+
+class _LineBuffer:
+    """Turns chunks of bytes into complete lines; keeps the unfinished tail."""
+
+    def __init__(self):
+        self._tail = b""
+
+    def feed(self, data):
+        lines = (self._tail + data).split(b"\n")
+        self._tail = lines.pop()
+        return lines
+
+    def close(self):
+        """The unterminated last line, if any (the writer died mid-line)."""
+        tail, self._tail = self._tail, b""
+        return tail
+
+
+def _encode(op, **fields):
+    """One worker -> parent line."""
+    message = {"op": op}
+    message.update(fields)
+    return (_json_text(message) + "\n").encode()
+
+
+def _encode_task(task, variable_texts):
+    """The line that hands ``task`` to a worker; ``variable_texts`` are its
+    variables as TASK_VARIABLE texts."""
+    return ('{"op":"task","id":%s,"folder":%s,"log":%s,"vars":[%s]}\n' % (
+        _json_text(task.task_id), _json_text(task.folder), _json_text(task.log_file),
+        ",".join(variable_texts))).encode()
+
+
+def _encode_line(word):
+    """A CANCEL or SHUT_DOWN line."""
+    return word + b"\n"
+
+
+def _decode(line):
+    """The message of one line (without its newline): a dict with an "op";
+    ValueError if the line is not one (a login script's greeting on ssh)."""
+    message = _json_decode(line.decode("utf-8"))
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise ValueError("not a protocol message")
+    return message
+
+
+class _Result:
+    """How a task ended, as the worker reports it."""
+
+    __slots__ = ("task_id", "succeeded", "reason", "seconds", "load", "terminated")
+
+    def __init__(self, task_id, succeeded, reason="", seconds=None, load=0.0,
+                 terminated=False):
+        self.task_id = task_id
+        self.succeeded = succeeded
+        self.reason = reason        # one line, or "" on success
+        self.seconds = seconds      # the worker's clock, loads included
+        self.load = load            # seconds of it spent in converters
+        self.terminated = terminated   # a SIGTERM ended it; the worker exits next
+
+    def __repr__(self):
+        return "_Result(%r, %s)" % (self.task_id, "ok" if self.succeeded else self.reason)
+
+    def encode(self):
+        fields = {"id": self.task_id, "status": 0 if self.succeeded else 1,
+                  "reason": self.reason, "seconds": self.seconds}
+        if self.load:
+            fields["load"] = self.load
+        if self.terminated:
+            fields["terminated"] = True
+        return _encode(OP_RESULT, **fields)
+
+    @classmethod
+    def decode(cls, message):
+        return cls(message.get("id"), message.get("status") == 0, message.get("reason") or "",
+                   message.get("seconds"), message.get("load", 0.0),
+                   bool(message.get("terminated")))
+
+
+###############################################################################
 # VariableSet #################################################################
 ###############################################################################
 
@@ -791,16 +890,11 @@ class VariableSet:
         """{name: value} for a task, as the main-process hooks see it."""
         return {v.name: v.values[i] for v, i in zip(self.variables, indices)}
 
-    def protocol_fragment(self, indices):
-        """The "vars" of a task line, [[name, value, nickname], ...], as JSON
-        text from cached pieces."""
-        return "[" + ",".join(self._texts(indices, "[%s,%s,%s]")) + "]"
-
     def json_fragment(self, indices):
         """The "variables" object of one all_tasks.json entry, from cached pieces."""
-        return "{" + ", ".join(self._texts(indices, '%s: {"value": %s, "nickname": %s}')) + "}"
+        return "{" + ", ".join(self.texts(indices, '%s: {"value": %s, "nickname": %s}')) + "}"
 
-    def _texts(self, indices, template):
+    def texts(self, indices, template):
         """``template`` % (name, value, nickname) as JSON, per variable of a
         task; each variable's list is made once, on first use."""
         texts = []
@@ -836,39 +930,165 @@ class Task:
     def __repr__(self):
         return "Task(%r)" % self.task_id
 
-    def message(self, variable_set):
-        """The protocol line that hands this task to a worker."""
-        return ('{"op":"task","id":%s,"folder":%s,"log":%s,"vars":%s}\n' % (
-            _json_text(self.task_id), _json_text(self.folder), _json_text(self.log_file),
-            variable_set.protocol_fragment(self.indices))).encode()
-
 
 def _task_id(folders, location):
     """The ID of a task, which is also its folder's path under the output root."""
     return ("/" if location == "VARIABLE_SUBFOLDER" else "_").join(folders)
 
 
+def _task_of(project, indices):
+    task_id = _task_id(project.variable_set.folder_names(indices), project.folder_location)
+    return Task(task_id, indices, project.output_dir + os.sep + task_id)
+
+
+def _write_task_list(project, succeeded, scheduler):
+    """Expand the variables into task_queue/all_tasks.json, streamed and
+    written whole or not at all, checking every task ID; the tasks not in
+    ``succeeded`` go into ``scheduler``.  Returns how many were skipped."""
+    path = os.path.join(project.queue_dir, "all_tasks.json")
+    temporary = "%s.tmp%d" % (path, os.getpid())
+    _remove_stale_temporaries(project.queue_dir)   # ours alone: we hold the lock
+    try:
+        with open(temporary, "w", buffering=1 << 20) as stream:
+            skipped = _stream_tasks(project, stream, succeeded, scheduler)
+        os.replace(temporary, path)
+    except BaseException as exc:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):   # a full disk, a quota, `ulimit -f`
+            raise ThreadwardError("cannot write %s: %s; nothing was run (free space, then "
+                                  "run again)" % (_display_path(path), exc.strerror or exc))
+        raise
+    return skipped
+
+
+def _stream_tasks(project, stream, succeeded, scheduler):
+    variable_set = project.variable_set
+    location = project.folder_location
+    where = _display_path(project.path("variable_iteration.py"))
+    output_root = os.path.relpath(project.output_dir, project.directory)
+    check_ids = location == "VARIABLE_UNDERSCORE" and any(
+        "_" in folder for v in variable_set.variables for folder in v.folders)
+    seen_ids, skipped = set(), 0
+    stream.write("[")
+    separator = "\n"
+    for indices in variable_set.iter_indices():
+        task_id = _task_id(variable_set.folder_names(indices), location)
+        if check_ids:
+            if task_id in seen_ids:
+                raise ConfigError(
+                    "two tasks would share the ID and folder %r (folder names joined with "
+                    "\"_\" collide); use TASK_FOLDER_LOCATION = \"VARIABLE_SUBFOLDER\" or "
+                    "nicknames without \"_\"" % task_id, where)
+            seen_ids.add(task_id)
+        if location == "VARIABLE_UNDERSCORE" and len(task_id.encode()) > 255:
+            raise ConfigError(
+                "the folder name %r is longer than a filesystem allows (255 bytes); use "
+                "shorter nicknames or TASK_FOLDER_LOCATION = \"VARIABLE_SUBFOLDER\""
+                % task_id, where)
+        stream.write('%s{"task_id": %s, "task_folder": %s, "variables": %s}' % (
+            separator, json.dumps(task_id), json.dumps(output_root + "/" + task_id),
+            variable_set.json_fragment(indices)))
+        separator = ",\n"
+        if task_id in succeeded:
+            skipped += 1
+        else:
+            scheduler.add(indices)
+    stream.write("\n]\n")
+    return skipped
+
+
 ###############################################################################
 # Scheduler ###################################################################
 ###############################################################################
+#
+# Where a worker's next task comes from, and whether it should wait instead.
+#
+# The tree (_Scheduler) holds the remaining tasks as a prefix tree with
+# counts and decides *where*: a freed worker gets the remaining task that
+# keeps the longest prefix of its previous one (its model stays loaded).
+# When its branch is exhausted it goes where no other worker is (the first
+# such branch in order); only when every branch is busy does it split the one
+# with the most work left per worker, taking from the far end so the owner
+# keeps its order, and the two meet in the middle.
+#
+# The join policy (_JoinPolicy) decides *whether* a worker may split a busy
+# branch, which costs a load:
+#
+# * The join limit.  Each prefix is loaded once when first entered, and each
+#   join loads it once more: at most W - 1 joins per level keep a level of P
+#   prefixes within P + W - 1 loads, what cutting the sweep into W contiguous
+#   runs would take.  That plan fits tasks of equal length; when task times
+#   vary the last tasks of a branch can run long, and joining is how the
+#   sweep catches up, so the allowance grows with the measured spread of
+#   task times (W x the coefficient of variation).
+# * The cost.  A join pays when the joiner would finish the far-end task (its
+#   load, then one task) before the branch's own workers would finish the
+#   branch; while the load or the branch's task time is unmeasured, it joins
+#   (waiting wrongly can cost far more than one load).
+# * The hang rescue.  Past the limit, a worker may still join a branch whose
+#   running task looks stuck (OVERDUE_FACTOR times its expected time) while
+#   nothing outside it runs as expected: a hung task must not keep the others
+#   off its branch for good, a slow one must not draw them in.
+#
+# A worker told to wait asks again WAIT_RECHECK later (hand_out).  Of several
+# workers freed at once, the one with the most of its branch left asks first,
+# again after each ask: a branch's own workers are back in it before another
+# could find it free and join it unchecked.  The main loop, bench B4 and the
+# tests all hand out tasks through hand_out.
+#
+# Every step is O(depth x branching) (plus, when a worker's branch ends and
+# every other is busy, a look at the tasks held), never a scan of the queue.
+
+class _Stat:
+    """A running total, count and largest value."""
+
+    __slots__ = ("total", "count", "largest")
+
+    def __init__(self):
+        self.total, self.count, self.largest = 0.0, 0, 0.0
+
+    def add(self, value):
+        self.total += value
+        self.count += 1
+        if value > self.largest:
+            self.largest = value
+
+    def mean(self, default=None):
+        return self.total / self.count if self.count else default
+
 
 class _Node:
-    __slots__ = ("children", "remaining", "active", "worked", "finished", "longest", "entered")
+    __slots__ = ("children", "remaining", "active", "entered", "measured")
 
     def __init__(self, leaf_level):
         # Above the last variable: {value index: _Node}, insertion-ordered.
         # At the last variable: a deque of value indices.
         self.children = collections.deque() if leaf_level else {}
         self.remaining = 0
-        self.active = 0   # tasks held by workers (running or queued) in this subtree
-        self.entered = False   # a worker has been given a task in it (so loaded it)
-        self.worked = 0.0   # seconds of its tasks measured so far, loads excluded
-        self.finished = 0   # how many were measured
-        self.longest = 0.0   # the longest of them
+        self.active = 0          # tasks held by workers (running or queued) in this subtree
+        self.entered = False     # a worker has been given a task in it (so loaded it)
+        self.measured = _Stat()  # seconds of its tasks that ran to their end, loads excluded
 
     def task_seconds(self, default=None):
         """The mean task time measured in this subtree (loads excluded)."""
-        return self.worked / self.finished if self.finished else default
+        return self.measured.mean(default)
+
+
+class _Held:
+    """A task a worker holds: running, or queued behind its running one."""
+
+    __slots__ = ("task", "nodes", "left_at", "since", "joins", "firsts")
+
+    def __init__(self, task, nodes, left_at, since, joins, firsts):
+        self.task = task          # its value indices
+        self.nodes = nodes        # the root and the nodes on its path
+        self.left_at = left_at    # the level it left the worker's previous prefix at
+        self.since = since        # when it was given; when it started, for the oldest
+        self.joins = joins        # levels at which taking it was a join
+        self.firsts = firsts      # nodes it was the first to enter
 
 
 def _seconds_per_worker(node, default):
@@ -877,41 +1097,167 @@ def _seconds_per_worker(node, default):
     return node.remaining * node.task_seconds(default) / (node.active + 1)
 
 
+class _JoinPolicy:
+    """Whether a worker may join a busy branch (see the section's notes).
+    Bench B4 and the tests compare it with what each rule is for: without
+    the ``limit`` it joins whenever the load pays; without ``weigh``,
+    whenever the limit lets it; without ``spread`` the limit stays W - 1
+    whatever the task times; without ``rescue`` no stuck task draws a
+    worker past the limit."""
+
+    def __init__(self, limit=True, weigh=True, spread=True, rescue=True):
+        self.limit, self.weigh, self.use_spread, self.rescues = limit, weigh, spread, rescue
+        self.tree = None
+        self.joins = []          # per level: entries into a branch already entered
+        self.workers = set()     # every worker that asked: the W of P + W - 1
+        self.spread = _Stat()    # squared relative differences of task times
+        self.steady = {}         # key -> its last task's seconds, if it kept its prefix
+        self.loads = {}          # level a move left the previous prefix at -> _Stat of loads
+
+    def attach(self, tree):
+        self.tree = tree
+        self.joins = [0] * tree.depth
+
+    def may_join(self, level):
+        """Whether one more worker may join a busy branch at ``level``."""
+        if not self.limit:
+            return True
+        workers = len(self.workers)
+        slack = int(workers * self.spread.mean(0.0) ** 0.5) if self.use_spread else 0
+        return self.joins[level] < workers - 1 + slack
+
+    def joined(self, levels, by=1):
+        for level in levels:
+            self.joins[level] += by
+
+    def rescue(self, node, level):
+        """Indices of the children of ``node`` (at ``level``) that a worker
+        may join past the limit: one whose running task looks hung (any,
+        while no task has been measured) while no task outside it is
+        running as expected."""
+        if not self.rescues:
+            return set()
+        tree = self.tree
+        now, late, running = tree.clock(), set(), set()
+        for held in tree.held.values():
+            for position, item in enumerate(held):
+                nodes = item.nodes
+                under = item.task[level] if len(nodes) > level + 1 and \
+                    nodes[level] is node else None
+                if position == 0 and (not tree.root.measured.count
+                                      or self._overdue(item, now)):
+                    if under is not None:
+                        late.add(under)
+                else:
+                    running.add(under)
+        return {index for index in late if running <= {index}}
+
+    def _overdue(self, item, now):
+        """Whether the running task ``item`` has run OVERDUE_FACTOR times as
+        long as expected: the longest task measured on its path; or, if it
+        loads, LOAD_OVERDUE_FACTOR times the longest load measured plus the
+        longest task of the sweep (one prefix's load says little of
+        another's, and a load inside task_method counts as task time).
+        Never while nothing is measured."""
+        tree = self.tree
+        if item.left_at < tree.depth - 1:
+            loads = max((stat.largest for stat in self.loads.values()), default=0.0)
+            expected = LOAD_OVERDUE_FACTOR * loads + tree.root.measured.largest
+        else:
+            expected = next((node.measured.largest for node in reversed(item.nodes)
+                             if node.measured.largest), 0.0)
+        return bool(tree.root.measured.largest) and now - item.since > OVERDUE_FACTOR * expected
+
+    def load_seconds(self, level):
+        """The mean load of a move that leaves the previous prefix at
+        ``level``; None before one was measured."""
+        stat = self.loads.get(level)
+        return stat.mean() if stat else None
+
+    def _running_time_left(self, node, level):
+        """{child index: the time its held tasks have left} for the children
+        of ``node`` at ``level``, from means; an overdue task is guessed to
+        need as long again as it has run past its expected end (durations are
+        often heavy-tailed, and a stuck task must not keep others waiting)."""
+        now, left = self.tree.clock(), {}
+        for held in self.tree.held.values():
+            for item in held:
+                nodes = item.nodes
+                if len(nodes) > level + 1 and nodes[level] is node:
+                    work = nodes[level + 1].task_seconds(0.0)
+                    end = item.since + (self.load_seconds(item.left_at) or 0.0) + work
+                    index = item.task[level]
+                    left[index] = left.get(index, 0.0) + (
+                        end - now if end > now else max(work, now - end))
+        return left
+
+    def worth_joining(self, node, busy, level, loading_from):
+        """The first of the busy children ``busy`` of ``node`` (at ``level``)
+        that a worker loading from ``loading_from`` down should join, or None:
+        only if it would finish the far-end task (its load, then one task)
+        before the branch's own workers would finish the branch (their time
+        left, the tasks not started, and the loads of the sub-branches no one
+        holds yet, shared among them).  While the branch's task time or the
+        load is unmeasured, it joins."""
+        if not self.weigh:
+            return busy[0]
+        load = self.load_seconds(loading_from)
+        running = self._running_time_left(node, level)
+        for index in busy:
+            child = node.children[index]
+            work = child.task_seconds()
+            if not load or work is None:
+                return index
+            left = running.get(index, 0.0) + child.remaining * work
+            if isinstance(child.children, dict):
+                untouched = sum(1 for grandchild in child.children.values()
+                                if grandchild.remaining and not grandchild.active)
+                left += untouched * (self.load_seconds(loading_from + 1) or 0.0)
+            if load + work < left / child.active:
+                return index
+        return None
+
+    def learn(self, key, item, work, load):
+        """A task held by ``key`` ran to its end: ``work`` seconds of task,
+        ``load`` of converting."""
+        self._note_spread(key, work if item.left_at == self.tree.depth - 1 else None)
+        self.loads.setdefault(item.left_at, _Stat()).add(load)
+
+    def _note_spread(self, key, work):
+        """What the limit reads the spread of task times from: the difference
+        of two tasks in a row by one worker with the same prefix, relative to
+        their mean (for independent times, half its square is the squared
+        coefficient of variation on average).  ``work`` is None after a move:
+        the first task of a prefix may carry one-off costs, and tasks under
+        another prefix may differ for a reason."""
+        previous = self.steady.get(key)
+        if work is None:
+            self.steady.pop(key, None)
+            return
+        self.steady[key] = work
+        if previous is not None and previous + work > 0:
+            self.spread.add(2 * ((work - previous) / (previous + work)) ** 2)
+
+    def forget(self, key):
+        self.steady.pop(key, None)
+
+
 class _Scheduler:
     """The remaining tasks as a prefix tree with counts; no processes in it.
+    ``policy`` (a _JoinPolicy) decides whether a worker may join a busy
+    branch; the tree decides where."""
 
-    ``assign(key)`` gives the worker ``key`` the remaining task that keeps the
-    longest prefix of its previous task.  When its own branch is exhausted it
-    goes where no other worker is (first such branch in order); only when
-    every branch is busy does it split the one with the fewest workers and the
-    most work left, taking from the far end so the owner keeps its order.
-    It joins that branch only if the load it needs pays (``_worth_joining``,
-    from the task and load seconds ``release`` learns) and while the joins
-    made at that level leave room (``_may_join``: W - 1 of them, so a level
-    of P prefixes is loaded at most P + W - 1 times, more when task times
-    vary, and always for a task that looks stuck); otherwise it gets None
-    and waits, and asks again after the next event.
-    Every step is O(depth x branching) (plus, when a worker's branch ends and
-    every other is busy, a look at the tasks held), never a scan of the queue.
-    """
-
-    def __init__(self, depth, clock=time.monotonic):
+    def __init__(self, depth, clock=time.monotonic, policy=None):
         self.depth = depth
         self.root = _Node(depth == 1)
         self.clock = clock
+        self.policy = policy or _JoinPolicy()
+        self.policy.attach(self)
+        self.held = {}       # key -> [_Held], oldest (the running one) first
         self._last = {}      # key -> indices of its previous task
         self._before = {}    # key -> the one before that (see put_back)
         self._reverse = {}   # key -> True while it works from the far end of a shared branch
-        # key -> [(nodes on the path of a task it holds, level it left the
-        #          previous prefix at, when it was given (when it started, for
-        #          the oldest), the task, levels at which taking it was a
-        #          join, nodes first entered by it)], oldest first
-        self._busy = {}
-        self._loads = {}     # level a move left the previous prefix at -> [seconds, count, longest]
-        self._joins = [0] * depth    # per level: entries into a branch already entered
-        self._workers = set()        # every key that asked: the W of P + W - 1
-        self._spread = [0.0, 0]      # squared relative deviations of task times, count
-        self._steady = {}            # key -> its last task's seconds, if it kept its prefix
+        self._waiting = {}   # key -> when a worker told to wait asks again
 
     def __len__(self):
         return self.root.remaining
@@ -927,14 +1273,49 @@ class _Scheduler:
             node = child
         node.children.append(indices[-1])
 
+    # -- handing out --------------------------------------------------------
+
+    def hand_out(self, free, holding):
+        """Ask for a task for each of the free workers ``free`` (keys), in
+        the asking order; yields (key, indices), indices None when none is
+        left or none is worth the worker's load now (it is told to wait, and
+        asks again WAIT_RECHECK later, at the earliest).  ``holding``: some
+        worker holds a task, so an event is sure to come and a worker may
+        wait; a task given in this round counts too."""
+        now = self.clock()
+        answered = [key for key in free if key not in self._waiting]
+        while answered:   # decided again after each ask: a task given may end a branch
+            key = max(answered, key=self.kept)
+            answered.remove(key)
+            indices = self._ask(key, holding, now)
+            holding = holding or indices is not None
+            yield key, indices
+        for key in free:
+            if key in self._waiting and (now >= self._waiting[key] or not len(self)):
+                indices = self._ask(key, holding, now)
+                holding = holding or indices is not None
+                yield key, indices
+
+    def _ask(self, key, patient, now):
+        indices = self.assign(key, patient=patient)
+        if indices is None and len(self):
+            self._waiting[key] = now + WAIT_RECHECK
+        else:
+            self._waiting.pop(key, None)
+        return indices
+
+    def is_waiting(self, key):
+        """Whether worker ``key`` was told that no task is worth its load."""
+        return key in self._waiting
+
     def assign(self, key, ahead=False, patient=True):
         """Indices of the next task for worker ``key``, or None when none
         remain or (``patient``) none is worth its load now.  ``ahead``: the
         worker is still running its previous task (this one is queued behind
         it), which stays counted where it is."""
-        self._workers.add(key)
+        self.policy.workers.add(key)
         if not ahead:
-            while key in self._busy:
+            while key in self.held:
                 self.release(key)
         if not self.root.remaining:
             return None
@@ -962,13 +1343,13 @@ class _Scheduler:
             member.remaining -= 1
             member.active += 1
             member.entered = True
-        for level in joins:
-            self._joins[level] += 1
+        self.policy.joined(joins)
         task = tuple(path)
         self._before[key] = last
         self._last[key] = task
         self._reverse[key] = reverse
-        self._busy.setdefault(key, []).append((nodes, kept, self.clock(), task, joins, firsts))
+        self.held.setdefault(key, []).append(
+            _Held(task, nodes, kept, self.clock(), joins, firsts))
         return task
 
     def _kept_nodes(self, last):
@@ -983,16 +1364,14 @@ class _Scheduler:
         return nodes
 
     def kept(self, key):
-        """How many levels of worker ``key``'s previous task still have tasks
-        left: of several workers free at once, the longest asks first, so a
-        branch's own worker is back in it before another could find it free."""
+        """How many levels of worker ``key``'s previous task still have tasks left."""
         return len(self._kept_nodes(self._last.get(key, ()))) - 1
 
     def _choose(self, node, reverse, at_root, level, loading_from, patient):
         """(index, child, reverse) of the branch of ``node`` (at ``level``) to
         go into: the first with no worker (the last, working from the far
         end); else a busy one, the most work per worker first, from its far
-        end.  ``patient``: past ``_may_join``, only a busy branch whose task
+        end.  ``patient``: past the join limit, only a busy branch whose task
         looks stuck.  With ``loading_from`` (the level the worker must load
         from to get there), only a busy branch worth that load.  None if
         there is none."""
@@ -1002,185 +1381,80 @@ class _Scheduler:
             child = children[index]
             if not child.active:
                 return index, child, reverse and not at_root
-        overall = self.root.task_seconds(1.0)
+        overall = self.root.task_seconds(UNMEASURED_TASK_SECONDS)
         # A branch whose last tasks are running stays until they end: not into it.
         busy = [i for i in children if children[i].remaining]
-        if patient and not self._may_join(level):
-            rescue = self._rescue(node, level)
+        if patient and not self.policy.may_join(level):
+            rescue = self.policy.rescue(node, level)
             busy = [i for i in busy if i in rescue]
             if not busy:
                 return None
-        if loading_from is None:
-            index = max(busy, key=lambda i: _seconds_per_worker(children[i], overall))
-            return index, children[index], True
         busy.sort(key=lambda i: _seconds_per_worker(children[i], overall), reverse=True)
-        running = self._running_time_left(node, loading_from)
-        for index in busy:
-            if self._worth_joining(children[index], loading_from, running.get(index, 0.0)):
-                return index, children[index], True
-        return None
-
-    def _may_join(self, level):
-        """Whether one more worker may join a busy branch at ``level``.  Each
-        prefix is loaded once when first entered, and each join loads it once
-        more: at most W - 1 joins keeps a level of P prefixes within P + W - 1
-        loads, what cutting the sweep in W contiguous runs would take.  That
-        plan fits tasks of equal length; when task times vary, the last tasks
-        of a branch can run long, and joining it is how the sweep catches up,
-        so the allowance grows with the measured spread of task times."""
-        workers = len(self._workers)
-        total, count = self._spread
-        slack = int(workers * (total / count) ** 0.5) if count else 0
-        return self._joins[level] < workers - 1 + slack
-
-    def _rescue(self, node, level):
-        """Indices of the children of ``node`` (at ``level``) that a worker
-        may join past ``_may_join``: one whose running task looks hung
-        (``_overdue``; any, while no task has been measured) while no task
-        outside it is running as expected.  A hung task must not keep the
-        others off its branch for good, but a slow one (a big model loading)
-        must not draw them in while the rest of the sweep goes on as planned."""
-        now, late, running = self.clock(), set(), set()
-        for held in self._busy.values():
-            for position, (nodes, held_level, started, task, _, _) in enumerate(held):
-                under = task[level] if len(nodes) > level + 1 and nodes[level] is node else None
-                if position == 0 and (not self.root.finished
-                                      or self._overdue(nodes, held_level, started, now)):
-                    if under is not None:
-                        late.add(under)
-                else:
-                    running.add(under)
-        return {index for index in late if running <= {index}}
-
-    def _overdue(self, nodes, level, started, now):
-        """Whether a task on the path ``nodes``, which left its worker's
-        previous prefix at ``level`` and started at ``started``, has run over
-        twice as long as expected: the longest task measured on its path; or,
-        if it loads, ten times the longest load measured plus the longest task
-        of the sweep (one prefix's load says little of another's: a big model
-        can take ten times a small one, and a load inside task_method counts
-        as task time).  Never while nothing is measured."""
-        if level < self.depth - 1:
-            loads = max((learned[2] for learned in self._loads.values()), default=0.0)
-            expected = 10 * loads + self.root.longest
+        if loading_from is None:
+            index = busy[0]
         else:
-            expected = next((node.longest for node in reversed(nodes) if node.longest), 0.0)
-        return bool(self.root.longest) and now - started > 2 * expected
+            index = self.policy.worth_joining(node, busy, level, loading_from)
+            if index is None:
+                return None
+        return index, children[index], True
 
-    def _load_seconds(self, level):
-        """The mean load of a move that leaves the previous prefix at
-        ``level`` (converting every changed value from there down); None
-        before one was measured."""
-        learned = self._loads.get(level)
-        return learned[0] / learned[1] if learned else None
-
-    def _running_time_left(self, node, level):
-        """{child index: the time its held tasks have left} for the children
-        of ``node``, the node at ``level``; estimated from means, and an
-        overdue task is guessed to need as long again as it has run past its
-        expected end (durations are often heavy-tailed, and a stuck task must
-        not keep the others waiting for good)."""
-        now, left = self.clock(), {}
-        for held in self._busy.values():
-            for nodes, held_level, given, task, _, _ in held:
-                if len(nodes) > level + 1 and nodes[level] is node:
-                    work = nodes[level + 1].task_seconds(0.0)
-                    end = given + (self._load_seconds(held_level) or 0.0) + work
-                    index = task[level]
-                    left[index] = left.get(index, 0.0) + (
-                        end - now if end > now else max(work, now - end))
-        return left
-
-    def _worth_joining(self, node, level, running):
-        """Whether a worker that must load from ``level`` down should join the
-        busy branch ``node``: only if it would finish the far-end task (its
-        load, then one task) before the branch's own workers would finish the
-        branch (their ``running`` time left, the tasks not started, and the
-        loads of the sub-branches no one holds yet, shared among them).
-        Waiting wrongly can cost far more than a load, so it joins while the
-        branch's task time or the load is unmeasured."""
-        load, work = self._load_seconds(level), node.task_seconds()
-        if not load or work is None:
-            return True
-        left = running + node.remaining * work
-        if isinstance(node.children, dict):
-            untouched = sum(1 for child in node.children.values()
-                            if child.remaining and not child.active)
-            left += untouched * (self._load_seconds(level + 1) or 0.0)
-        return load + work < left / node.active
+    # -- giving back --------------------------------------------------------
 
     def release(self, key, newest=False, seconds=None, load=0.0):
         """The (oldest) task of worker ``key`` has ended (succeeded, failed or
         died).  ``seconds``: how long it took, ``load`` of which went to
-        converting changed values.  Returns the levels at which taking it was
-        a join and the nodes it entered first."""
-        held = self._busy.get(key)
+        converting changed values.  Returns its _Held, or None."""
+        held = self.held.get(key)
         if not held:
-            return (), ()
-        nodes, level, _, task, joins, firsts = held.pop(-1 if newest else 0)
+            return None
+        item = held.pop(-1 if newest else 0)
         if held and not newest:   # the task queued behind it starts now
-            held[0] = held[0][:2] + (self.clock(),) + held[0][3:]
+            held[0].since = self.clock()
         work = None if seconds is None else max(0.0, seconds - load)
-        for node in nodes:
+        for node in item.nodes:
             node.active -= 1
             if work is not None:
-                node.worked += work
-                node.finished += 1
-                if work > node.longest:
-                    node.longest = work
+                node.measured.add(work)
         if work is not None:
-            self._note_spread(key, work if level == self.depth - 1 else None)
+            self.policy.learn(key, item, work, load)
         # A branch goes when its last task is done, not when its last task is
         # handed out: a task put back finds it with its workers still counted.
+        nodes, task = item.nodes, item.task
         for depth in range(len(nodes) - 1, 0, -1):
             node, parent = nodes[depth], nodes[depth - 1]
             if node.active or node.remaining or parent.children.get(task[depth - 1]) is not node:
                 break
             del parent.children[task[depth - 1]]
         if not held:
-            del self._busy[key]
-        if seconds is not None:
-            learned = self._loads.setdefault(level, [0.0, 0, 0.0])
-            learned[0] += load
-            learned[1] += 1
-            learned[2] = max(learned[2], load)
-        return joins, firsts
+            del self.held[key]
+        return item
 
-    def _note_spread(self, key, work):
-        """What ``_may_join`` reads the spread of task times from: the
-        difference of two tasks in a row by one worker with the same prefix,
-        relative to their mean (for independent times, half its square is
-        the squared coefficient of variation on average).  ``work`` is None
-        after a move: the first task of a prefix may carry one-off costs (a
-        model loaded inside task_method, say), and tasks under another prefix
-        may differ for a reason."""
-        previous = self._steady.get(key)
-        if work is None:
-            self._steady.pop(key, None)
-            return
-        self._steady[key] = work
-        if previous is not None and previous + work > 0:
-            self._spread[0] += 2 * ((work - previous) / (previous + work)) ** 2
-            self._spread[1] += 1
-
-    def put_back(self, key, indices):
-        """Worker ``key`` never started the task it was given last: it waits
-        again, and the worker holds what its task before that left it (a
-        join it made to get it is undone: nothing was loaded)."""
-        joins, firsts = self.release(key, newest=True)
-        for level in joins:
-            self._joins[level] -= 1
-        for node in firsts:
-            node.entered = bool(node.active)
+    def put_back(self, key, indices, started=False):
+        """The one way a task given to worker ``key`` comes back, to be
+        handed out again.  Not ``started`` (queued, cancelled, or its worker
+        gone before it began): the newest the worker holds; the worker holds
+        what its task before that left it, and a join made to get it is
+        undone (nothing was loaded).  ``started`` (a signal meant for the task
+        before it ended this one): the oldest, learning nothing from it."""
+        if started:
+            self.release(key)
+        else:
+            item = self.release(key, newest=True)
+            if item is not None:
+                self.policy.joined(item.joins, by=-1)
+                for node in item.firsts:
+                    node.entered = bool(node.active)
+            if self._last.get(key) == tuple(indices):
+                self._last[key] = self._before.pop(key, ())
         self.add(indices)
-        if self._last.get(key) == tuple(indices):
-            self._last[key] = self._before.pop(key, ())
 
     def forget(self, key):
-        while key in self._busy:
+        """Worker ``key`` is gone: what it held is released unmeasured."""
+        while key in self.held:
             self.release(key)
-        for table in (self._last, self._before, self._reverse, self._steady):
+        for table in (self._last, self._before, self._reverse, self._waiting):
             table.pop(key, None)
+        self.policy.forget(key)
 
 
 ###############################################################################
@@ -1383,7 +1657,12 @@ def _gpus_per_worker(module, path):
 
 
 class _Project:
-    """The three project files of DIR/threadward, loaded and checked."""
+    """The three project files of DIR/threadward, loaded and checked.
+
+    ``load`` (the main process) and ``load_for_worker`` import the modules,
+    then ``_read_settings`` sets every setting at once, from the files that
+    were loaded (a worker does not read resource_constraints.py: its
+    settings keep their defaults there), so that both have the same fields."""
 
     def __init__(self, directory):
         self.directory = os.path.abspath(directory)
@@ -1408,12 +1687,6 @@ class _Project:
                               "it is the one function every project must have",
                               _display_path(path))
         _check_hooks(module, path, MAIN_HOOKS + WORKER_HOOKS + TASK_HOOKS)
-        self.success_condition = _choice_setting(module, path, "SUCCESS_CONDITION",
-                                                 SUCCESS_CONDITIONS)
-        self.output_mode = _choice_setting(module, path, "OUTPUT_MODE", OUTPUT_MODES)
-        self.sigterm_grace = _number_setting(module, path, "SIGTERM_GRACE", SIGTERM_GRACE, 0)
-        self.task_timeout = _number_setting(module, path, "TASK_TIMEOUT", None, 0.001,
-                                            allow_none=True)
         self.task_module = module
         return module
 
@@ -1424,10 +1697,6 @@ class _Project:
             raise ConfigError("setup_variable_set(variable_set) is not defined; it declares "
                               "the variables to iterate over", _display_path(path))
         _check_hooks(module, path, RESULT_HOOKS)
-        self.failure_handling = _choice_setting(module, path, "FAILURE_HANDLING",
-                                                FAILURE_HANDLINGS)
-        self.folder_location = _choice_setting(module, path, "TASK_FOLDER_LOCATION",
-                                               FOLDER_LOCATIONS)
         self.variable_module = module
         return module
 
@@ -1435,10 +1704,34 @@ class _Project:
         """Load and check everything `run` needs; ConfigError on any mistake."""
         self.load_task_module()
         self.load_variable_module()
-        path = self.path("resource_constraints.py")
-        constraints = _load_user_module(path, "resource_constraints")
+        constraints = _load_user_module(self.path("resource_constraints.py"),
+                                        "resource_constraints")
         for filename in CONFIG_FILES:
             _check_setting_names(self.path(filename))
+        self._read_settings(constraints)
+        self.variable_set = self._build_variable_set()
+
+    def load_for_worker(self):
+        """What a worker needs: the task and variable files."""
+        self.load_task_module()
+        self.load_variable_module()
+        self._read_settings(types.SimpleNamespace())
+
+    def _read_settings(self, constraints):
+        """Every setting, checked (ConfigError with file:line for a bad value)."""
+        module, path = self.task_module, self.path("task_specification.py")
+        self.success_condition = _choice_setting(module, path, "SUCCESS_CONDITION",
+                                                 SUCCESS_CONDITIONS)
+        self.output_mode = _choice_setting(module, path, "OUTPUT_MODE", OUTPUT_MODES)
+        self.sigterm_grace = _number_setting(module, path, "SIGTERM_GRACE", SIGTERM_GRACE, 0)
+        self.task_timeout = _number_setting(module, path, "TASK_TIMEOUT", None, 0.001,
+                                            allow_none=True)
+        module, path = self.variable_module, self.path("variable_iteration.py")
+        self.failure_handling = _choice_setting(module, path, "FAILURE_HANDLING",
+                                                FAILURE_HANDLINGS)
+        self.folder_location = _choice_setting(module, path, "TASK_FOLDER_LOCATION",
+                                               FOLDER_LOCATIONS)
+        path = self.path("resource_constraints.py")
         self.num_workers = _number_setting(constraints, path, "NUM_WORKERS", 1, 1, integer=True)
         self.gpus_per_worker, self.workers_per_gpu = _gpus_per_worker(constraints, path)
         self.avoid_gpus = _gpu_list_setting(constraints, path, "AVOID_GPUS")
@@ -1449,10 +1742,9 @@ class _Project:
         self.constraints_path = path
         if not self.gpus_per_worker:   # a GPU sweep checks this with the GPUs found
             _check_gpu_overlap(self, "")
-        self._load_launcher(constraints, path)
-        self.variable_set = self._build_variable_set()
+        self._read_launcher_settings(constraints, path)
 
-    def _load_launcher(self, constraints, path):
+    def _read_launcher_settings(self, constraints, path):
         launcher = getattr(constraints, "LAUNCHER", "local")
         if isinstance(launcher, (list, tuple)):
             if not launcher or not all(isinstance(part, str) for part in launcher):
@@ -1785,6 +2077,101 @@ class _Launcher:
         return argv, env
 
 
+class _Places:
+    """Where workers run: the slots the launcher planned (_Slot: host and
+    GPUs), the first ``starting`` of them taken at the start and the rest in
+    reserve for `add`; which are free; and the retries of slots whose worker
+    failed to start (the n-th in a row waits n * START_RETRY_DELAY s; after
+    MAX_START_FAILURES the slot is given up)."""
+
+    def __init__(self, slots, starting):
+        self.slots = slots
+        self.starting = starting
+        self.free = list(range(len(slots)))
+        self.retries = []            # (when, slot)
+        self._failures = collections.Counter()   # slot -> failed starts in a row
+        self._next_id = 0
+
+    def new_worker_id(self):
+        self._next_id += 1
+        return self._next_id - 1
+
+    def take(self):
+        """A free slot (the first), or None."""
+        return self.free.pop(0) if self.free else None
+
+    def give_back(self, slot):
+        self.free.append(slot)
+        self.free.sort()
+
+    def add_like_the_first(self):
+        """One more slot like the first (`add` with no GPUs to reserve)."""
+        self.slots.append(self.slots[0])
+        self.free.append(len(self.slots) - 1)
+
+    def started(self, slot):
+        self._failures[slot] = 0
+
+    def failed(self, slot):
+        """A worker in ``slot`` failed to start: True if it is retried later."""
+        self._failures[slot] += 1
+        failures = self._failures[slot]
+        if failures >= MAX_START_FAILURES:
+            return False
+        self.retries.append((time.monotonic() + failures * START_RETRY_DELAY, slot))
+        return True
+
+    def failures(self, slot):
+        return self._failures[slot]
+
+    def due(self, now):
+        """The slots whose retry is due, taken off the list."""
+        due = [slot for when, slot in self.retries if now >= when]
+        self.retries = [(when, slot) for when, slot in self.retries if now < when]
+        return due
+
+    def in_use(self):
+        return self.slots[:self.starting]
+
+    def summary(self, project, launcher):
+        """Where the workers run, for the first line of a run."""
+        hosts = sorted({slot.host for slot in self.slots if slot.host})
+        where = " on %s" % ", ".join(hosts) if hosts else (
+            " as Slurm job steps" if launcher.kind == "slurm" else "")
+        if not project.gpus_per_worker:
+            return where + ", CPU only"
+        if launcher.kind == "slurm":
+            return where + ", %s GPU per worker chosen by Slurm" % project.gpus_per_worker
+        used = sorted({g for slot in self.in_use() for g in slot.gpus})
+        return where + ", GPUs %s" % ",".join(used)
+
+
+def _dry_run_lines(project, places, launcher):
+    """What `run --dry-run` prints: the tasks (the first ten) and where each
+    worker would run."""
+    count, shown = 0, []
+    for indices in project.variable_set.iter_indices():
+        count += 1
+        if len(shown) < 10:
+            shown.append(_task_of(project, indices))
+    lines = ["dry run: %d tasks; nothing is started" % count]
+    lines += ["  %-40s %s" % (task.task_id, _display_path(task.folder)) for task in shown]
+    if count > len(shown):
+        lines.append("  ... and %d more" % (count - len(shown)))
+    lines.append("  CPU: %s" % launcher.cpu_summary())
+    for number, slot in enumerate(places.in_use()):
+        lines.append("  worker %d%s: CUDA_VISIBLE_DEVICES=%s%s" % (
+            number, " on %s" % slot.host if slot.host else "",
+            "(chosen by Slurm)" if launcher.kind == "slurm" and project.gpus_per_worker
+            else ",".join(slot.gpus) or '""',
+            ", cores %s" % ",".join(map(str, launcher.cores_of(number)))
+            if project.pin_cpus else ""))
+    reserve = len(places.slots) - places.starting
+    if project.gpus_per_worker and reserve > 0:
+        lines.append("  %d more worker slots in reserve for `add`" % reserve)
+    return lines
+
+
 ###############################################################################
 # Monitoring ##################################################################
 ###############################################################################
@@ -1933,19 +2320,235 @@ class _Monitor:
 
 
 ###############################################################################
+# Result files ################################################################
+###############################################################################
+
+class _RunLock:
+    """One run per project: a POSIX record lock (fcntl.lockf, which NFS and
+    Lustre hold for the whole cluster, not just this host) on
+    task_queue/run.lock, held while the run lasts.  The file says who holds
+    it; the kernel (or the NFS server) lets go when the holder dies, so a
+    holder named in a file we could lock ended without letting go."""
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = None
+
+    def acquire(self):
+        """Lock, or raise naming the run that holds it; returns what to say
+        of a crashed run's lock taken over ("" if none)."""
+        import fcntl
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
+            if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(fd)   # NFS without lockd, Lustre mounted noflock
+                _stderr("warning: this filesystem has no locks (%s): nothing keeps a second "
+                        "`threadward run` off this project" % exc.strerror)
+                return ""
+            os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise ThreadwardError("cannot lock %s: %s" % (_display_path(self.path), exc))
+            raise ThreadwardError(
+                "another `threadward run` is using this project: %s. Wait for it to end, or "
+                "stop it (`quit` in its console, or kill -TERM its PID on its host), then run "
+                "again" % (holder or "a run on another host (%s)" % _display_path(self.path)))
+        previous = os.read(fd, 4096).decode("utf-8", "replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, ("PID %d on %s since %s\n" % (
+            os.getpid(), os.uname().nodename, time.strftime("%Y-%m-%d %H:%M:%S"))).encode(), 0)
+        self._fd = fd
+        if not previous:
+            return ""
+        return "taking over from a run that ended without letting go of the project (%s)%s" % (
+            previous, "" if " on %s since " % os.uname().nodename in previous else
+            "; if it is still going on there, stop this one: locks on this filesystem may "
+            "not reach across hosts")
+
+    def release(self):
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)   # emptied first: a next run sees a clean hand-over
+            os.close(self._fd)          # closing lets go of the lock
+            self._fd = None
+
+
+class _Ledger:
+    """successful_tasks.txt and failed_tasks.txt, and the counts, progress,
+    ETA and summary that follow from them.
+
+    Lines recorded during a pass of the main loop are appended at its end
+    (``write``): whole lines, one write per file (O_APPEND), so a crash
+    leaves no half line, and a task whose line is lost is only run again.
+    A torn last line left by a crash is dropped when the files are opened."""
+
+    def __init__(self, queue_dir):
+        self.queue_dir = queue_dir
+        self._fds = {}
+        self._unwritten = {}          # result file name -> lines not yet written
+        self.succeeded = self.failed = self.skipped = 0
+        self.total = 0                # tasks to run in this run
+        self.started = None           # monotonic time the run started
+        self._finish_at = None        # the estimated end of the sweep (monotonic)
+        self._durations = _Stat()     # seconds of the tasks recorded
+        self._last_progress = (0.0, 0)
+
+    def path(self, name):
+        return os.path.join(self.queue_dir, name)
+
+    def read_succeeded(self):
+        """IDs in successful_tasks.txt (a torn last line is not one)."""
+        try:
+            with open(self.path("successful_tasks.txt"), "rb") as stream:
+                data = stream.read()
+        except FileNotFoundError:
+            return set()
+        lines = data.split(b"\n")
+        lines.pop()   # empty after a final newline; a torn last line otherwise
+        return {line.decode("utf-8", "replace") for line in lines if line}
+
+    def open(self, fresh):
+        """Open both files for appending: failed_tasks.txt starts empty each
+        run (its tasks run again), successful_tasks.txt only when ``fresh``."""
+        self.started = time.monotonic()
+        for name in RESULT_FILES:
+            truncate = fresh or name == "failed_tasks.txt"
+            fd = os.open(self.path(name), os.O_RDWR | os.O_CREAT | os.O_APPEND |
+                         (os.O_TRUNC if truncate else 0), 0o666)
+            self._fds[name] = fd
+            self._drop_torn_line(fd)
+
+    @staticmethod
+    def _drop_torn_line(fd):
+        """A crash mid-write can leave a last line without its newline: drop it."""
+        size = os.fstat(fd).st_size
+        if not size:
+            return
+        with open(fd, "rb", closefd=False) as stream:
+            start = max(0, size - 4096)
+            stream.seek(start)
+            tail = stream.read()
+        if not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n")
+            os.ftruncate(fd, start + cut + 1 if cut >= 0 else 0 if start == 0 else size)
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def record(self, task_id, success, reason, seconds):
+        """Count a task's end; its line is written at the next ``write``.
+        Returns the one-line reason recorded for a failure."""
+        if seconds is not None:
+            self._durations.add(seconds)
+        if success:
+            self.succeeded += 1
+            self._unwritten.setdefault("successful_tasks.txt", []).append(task_id)
+        else:
+            self.failed += 1
+            reason = _one_line(reason) or "failed"
+            self._unwritten.setdefault("failed_tasks.txt", []).append(
+                "%s\t%s" % (task_id, reason))
+        self._estimate_finish()
+        return reason
+
+    def write(self):
+        """Append the lines recorded since the last write; the error, or None."""
+        unwritten, self._unwritten = self._unwritten, {}
+        for name, lines in unwritten.items():
+            try:
+                _write_all(self._fds[name], ("\n".join(lines) + "\n").encode("utf-8"))
+            except OSError as exc:
+                return "cannot record %s in %s (%s)" % (", ".join(lines), name, exc)
+        return None
+
+    # -- progress -----------------------------------------------------------
+
+    @property
+    def done(self):
+        return self.succeeded + self.failed
+
+    def elapsed(self):
+        return time.monotonic() - self.started
+
+    def eta(self):
+        """Seconds left, from the finish time estimated at the last result:
+        the progress line, `show` and status.json count down the same one."""
+        if self._finish_at is None:
+            return None
+        return max(0.0, self._finish_at - time.monotonic())
+
+    def _estimate_finish(self):
+        self._finish_at = time.monotonic() + self.elapsed() / self.done * (
+            self.total - self.done)
+
+    def progress(self):
+        """The progress line when one is due (each tenth of the tasks, and
+        every PROGRESS_INTERVAL s while tasks finish), else None."""
+        done = self.done
+        last_time, last_done = self._last_progress
+        now = time.monotonic()
+        if done * 10 // self.total > last_done * 10 // self.total or (
+                done != last_done and now - (last_time or self.started) >= PROGRESS_INTERVAL):
+            self._last_progress = (now, done)
+            return "[%s] %d/%d done, %d failed, ETA %s" % (
+                _format_duration(self.elapsed()), done, self.total, self.failed,
+                _format_duration(self.eta()))
+        return None
+
+    def overview(self):
+        """The first lines of `show`."""
+        done, durations = self.done, self._durations
+        return [
+            "elapsed %s   ETA %s   per task: avg %s, max %s" % (
+                _format_duration(self.elapsed()), _format_duration(self.eta()),
+                "%.2fs" % durations.mean() if durations.count else "?",
+                "%.2fs" % durations.largest if durations.count else "?"),
+            "tasks: %d succeeded, %d failed, %d skipped (done before), %d remaining of %d" % (
+                self.succeeded, self.failed, self.skipped, self.total - done,
+                self.total + self.skipped)]
+
+    def summary(self, stopped, not_run):
+        """The last lines of a run; ``stopped``: why it stopped early, if it did."""
+        lines = ["%s in %s: %d succeeded, %d failed%s%s" % (
+            "stopped (%s)" % stopped if stopped else "done",
+            _format_duration(self.elapsed()), self.succeeded, self.failed,
+            ", %d not run" % not_run if not_run else "",
+            ", %d skipped (already succeeded)" % self.skipped if self.skipped else "")]
+        if self.failed:
+            lines.append("failed tasks are listed in %s; `threadward run` again retries them"
+                         % _display_path(self.path("failed_tasks.txt")))
+        return lines
+
+
+###############################################################################
 # Worker (the parent's handle on one subprocess) ##############################
 ###############################################################################
 
 class Worker:
-    """The main process's handle on one worker subprocess."""
+    """The main process's handle on one worker subprocess, and its life::
+
+        STARTING --ready--> IDLE --hand--> BUSY --answered--> IDLE or BUSY
+        IDLE, BUSY --shut_down, SIGTERM--> STOPPING;  any --exited--> EXITED
+
+    It holds a queue of tasks sent and not answered: the first runs, one
+    more may be queued behind it.  ``end_cause`` says why it ends when that
+    is not a plain SHUT_DOWN: threadward ended it (TIMEOUT, INTERRUPTED), or
+    a SIGTERM came from elsewhere (OUTSIDE).  ``retiring`` (`remove N`): it
+    takes no new task and shuts down."""
 
     STARTING, IDLE, BUSY, STOPPING, EXITED = "starting", "idle", "busy", "stopping", "exited"
+    TIMEOUT, INTERRUPTED, OUTSIDE = "timeout", "interrupted", "a SIGTERM from outside"
+    KILL = "kill"   # the other deadline action: SIGKILL what is left
 
-    def __init__(self, worker_id, slot, place):
+    def __init__(self, worker_id, slot, place, task_timeout=None):
         self.worker_id = worker_id
         self.slot = slot              # index of its _Slot; a replacement reuses it
         self.host = place.host        # None: this machine
         self.gpus = place.gpus        # tuple of CUDA_VISIBLE_DEVICES entries
+        self.task_timeout = task_timeout
         self.remote_pid = None        # as the worker reports it (not the launcher's)
         self.reports_stats = False    # True: the worker sends its own figures
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -1954,15 +2557,13 @@ class Worker:
         self.cancelling = set()       # IDs of queued tasks a CANCEL line is taking back
         self.last_seconds = None      # how long its last task took (the worker's clock)
         self.retiring = False         # `remove N`: no new task, then SHUT_DOWN
-        self.waiting = None           # idle, no task worth its load: when it asks again
-        self.terminated = False       # SIGTERM from outside ended its task
-        self.timed_out = None         # the task TASK_TIMEOUT ended it for
+        self.end_cause = None         # TIMEOUT, INTERRUPTED, OUTSIDE
+        self.overdue = None           # the task TASK_TIMEOUT ended it for
         self.fatal = None             # start-up traceback sent by the worker
-        self.end_reason = None        # why threadward ended it ("timeout"), if it did
         self.process = None
         self.pid = None
         self.returncode = None
-        self.deadline = None          # (monotonic time, action) for timeouts and kills
+        self.deadline = None          # (monotonic time, TIMEOUT or KILL, task)
         self.stats = {}               # monitoring: current and max figures
         self._buffer = _LineBuffer()
         self._stderr_buffer = _LineBuffer()
@@ -1975,14 +2576,150 @@ class Worker:
         """The task it is running (the oldest one sent and not answered)."""
         return self.queue[0] if self.queue else None
 
-    def start(self, argv, env, directory, capture_stderr=False):
+    @property
+    def ended_by_us(self):
+        return self.end_cause in (self.TIMEOUT, self.INTERRUPTED)
+
+    # -- transitions --------------------------------------------------------
+
+    def ready(self, message, placed_elsewhere):
+        self.state = self.IDLE
+        self.remote_pid = message.get("pid")
+        if placed_elsewhere and not self.host:
+            self.host = message.get("host")
+        if not self.gpus and message.get("gpus"):   # Slurm chose them
+            self.gpus = tuple(message["gpus"].split(","))
+
+    def hand(self, task, line):
+        """Send ``task`` (its protocol ``line``): it runs now, or queued
+        behind the running one.  If the worker is gone the send fails, and
+        its exit records the task."""
+        self.queue.append(task)
+        if len(self.queue) == 1:
+            self._begin()
+        self.send(line)
+
+    def _begin(self):
+        """The first task of the queue runs from now (the answer to the one
+        before has just come, or the worker was idle)."""
+        task = self.queue[0]
+        task.started = time.monotonic()
+        self.state = self.BUSY
+        self.deadline = None
+        if self.task_timeout:
+            self.deadline = (task.started + self.task_timeout, self.TIMEOUT, task)
+
+    def answered(self):
+        """The running task has its result: the next queued one starts, or
+        the worker is idle.  Returns the answered task."""
+        task = self.queue.popleft()
+        self.cancelling.discard(task.task_id)
+        if self.queue:
+            self._begin()
+        else:
+            self.state = self.IDLE
+            self.deadline = None
+        return task
+
+    def cancelled(self, task_id):
+        """The worker gave back the queued task ``task_id`` unstarted (the
+        answer may come before the result of the task ahead of it).
+        Returns that task, or None."""
+        for position, task in enumerate(self.queue):
+            if task.task_id == task_id:
+                break
+        else:
+            return None
+        if position == 0:
+            self.answered()
+        else:
+            del self.queue[position]
+            self.cancelling.discard(task_id)
+        self.last_seconds = None   # not queued here again before its next result
+        return task
+
+    def cancel_queued(self, with_running=False):
+        """Take back what the worker has not started: the tasks queued behind
+        the running one and, ``with_running``, that one too in case its start
+        is still ahead (its predecessor's result has just come).  A CANCEL
+        line: each comes back "cancelled", or as a result if it had started.
+        True while an answer is due for a task that was queued behind."""
+        queued = {task.task_id for task in list(self.queue)[1:]}
+        if queued - self.cancelling or (with_running and self.queue):
+            self.cancelling |= queued
+            self.send(_encode_line(CANCEL))
+        return bool(self.cancelling)
+
+    def take_back(self, keep_running=True):
+        """The tasks it will never start (it is gone, or going), newest first."""
+        tasks = []
+        while len(self.queue) > (1 if keep_running else 0):
+            tasks.append(self.queue.pop())
+        self.cancelling.clear()
+        return tasks
+
+    def may_queue_ahead(self):
+        """Whether its next task should be sent before it answers this one:
+        its last task was short, and nothing is being taken back from it."""
+        return (len(self.queue) == 1 and not self.cancelling and not self.retiring
+                and not self.process.stdout.closed   # it is gone, not yet reaped
+                and self.last_seconds is not None and self.last_seconds < QUEUE_AHEAD_BELOW)
+
+    def shut_down(self):
+        self.state = self.STOPPING
+        self.send(_encode_line(SHUT_DOWN))
+
+    def stops_itself(self):
+        """A SIGTERM reached it: it starts nothing more and exits."""
+        self.state = self.STOPPING
+        if self.end_cause is None:
+            self.end_cause = self.OUTSIDE
+
+    def end(self, cause):
+        """SIGTERM its process group now (TIMEOUT or INTERRUPTED), SIGKILL after KILL_WAIT."""
+        self.end_cause = cause
+        self.signal_group(signal.SIGTERM)
+        self.deadline = (time.monotonic() + KILL_WAIT, self.KILL, None)
+
+    def kill(self):
+        if self.poll() is None:
+            # Its descendants first: those in sessions of their own are not in its group.
+            _kill_descendants(self.pid)
+        self.signal_group(signal.SIGKILL)
+        if self.process.stdout.closed and self.poll() is None:
+            # SIGKILL cannot be ignored; the reap after SIGCHLD finishes the job.
+            self.deadline = (time.monotonic() + KILL_WAIT, self.KILL, None)
+
+    def exited(self):
+        """Its pipe has closed and its process is gone; returns the state it was in."""
+        previous, self.state, self.deadline = self.state, self.EXITED, None
+        return previous
+
+    def lost_task_reason(self):
+        """Why the task it died holding failed."""
+        return self.end_cause if self.ended_by_us else self.exit_reason()
+
+    # -- its process and pipes ----------------------------------------------
+
+    def launch(self, launcher, project):
         """Start the worker (or its launcher) in a process group of its own, so
-        that Ctrl-C in the terminal reaches only the main process."""
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE if capture_stderr else None,
-            cwd=directory, env=env, start_new_session=True)
+        that Ctrl-C in the terminal reaches only the main process.  False
+        (and ``fatal`` says why) if it could not be started."""
+        argv, env = launcher.command(self, project.directory)
+        # A launcher's own messages (srun, ssh) go through us: shown with the
+        # worker's number, and kept to explain a worker that fails to start.
+        try:
+            os.makedirs(project.worker_log_dir, exist_ok=True)
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE if launcher.indirect else None,
+                cwd=project.directory, env=env, start_new_session=True)
+        except OSError as exc:   # too many open files, a launcher gone since start-up
+            self.fatal = "could not run %s: %s" % (argv[0], exc)
+            return False
         self.pid = self.process.pid
+        self.reports_stats = launcher.indirect   # it sends its own figures
+        return True
 
     def read_stderr(self):
         """Complete lines of the launcher's stderr now readable; None at its end."""
@@ -2049,50 +2786,142 @@ class Worker:
         return "worker %d exited with code %d" % (self.worker_id, code)
 
 
-class _RunLock:
-    """One run per project: a POSIX record lock (fcntl.lockf, which NFS and
-    Lustre hold for the whole cluster, not just this host) on
-    task_queue/run.lock, held while the run lasts.  The file says who holds
-    it; the kernel (or the NFS server) lets go when the holder dies, so a
-    holder named in a file we could lock ended without letting go."""
+def _worker_table(workers, is_waiting):
+    """The worker rows of `show`: fits 100 columns; remote workers show
+    pid@host, and the state column gives up the room."""
+    where_width = min(max([8] + [len(w.where()) for w in workers]), 20)
+    state_width = 40 - where_width
+    row = "%%3s  %%-%ds %%-7s %%-%ds %%11s  %%-13s %%s" % (where_width, state_width)
+    remote = any(w.host for w in workers)
+    lines = [row % ("ID", "PID@host" if remote else "PID", "GPUs", "state",
+                    "CPU% now/max", "RAM now/max", "GPU mem now/max")]
+    for worker in workers:
+        state = worker.state
+        if worker.task is not None:
+            state = "busy %s %s" % (_format_duration(time.monotonic() - worker.task.started),
+                                    _elide(worker.task.task_id, state_width - 13))
+        elif worker.state == Worker.IDLE and is_waiting(worker.worker_id):
+            state = "idle: no task worth a load"
+        if worker.retiring:
+            state = "removing; " + state
+        stats = worker.stats
+        lines.append(row % (
+            worker.worker_id, worker.where()[:where_width], ",".join(worker.gpus)[:7] or "-",
+            state[:state_width],
+            "%s/%s" % (stats.get("cpu", "?"), stats.get("cpu_max", "?")),
+            "%s/%s" % (_format_bytes(stats.get("rss")), _format_bytes(stats.get("rss_max"))),
+            "%s/%s" % (_format_bytes(stats.get("gpu")), _format_bytes(stats.get("gpu_max")))
+            if worker.gpus else "-"))
+    return lines
 
-    def __init__(self, path):
-        self.path = path
-        self._fd = None
 
-    def acquire(self):
-        """Lock, or raise naming the run that holds it; returns the holder
-        a crashed run left in the file ("" if none)."""
-        import fcntl
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
-            if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                os.close(fd)   # NFS without lockd, Lustre mounted noflock
-                _stderr("warning: this filesystem has no locks (%s): nothing keeps a second "
-                        "`threadward run` off this project" % exc.strerror)
-                return ""
+###############################################################################
+# Console and signals #########################################################
+###############################################################################
+
+class _Signals:
+    """The signals a run acts on.  Their handlers only record (Python's
+    wakeup fd); the loop reads the fd with everything else and calls
+    ``on_signal(signum)`` for each, SIGCHLD excepted (every wake-up is
+    followed by a reap).  SIGQUIT, SIGUSR2 and SIGPIPE keep their defaults."""
+
+    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+
+    def __init__(self, on_signal):
+        self.on_signal = on_signal
+        self._fds = None
+        self._previous = {}
+
+    def install(self, selector):
+        if threading.current_thread() is not threading.main_thread():
+            return   # only the main thread may: a library caller's thread runs without
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._fds = (read_fd, write_fd)
+        self._previous["wakeup"] = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for sig in self.HANDLED:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue   # `nohup threadward run`: the user asked to ride out a hang-up
+            self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
+        selector.register(read_fd, selectors.EVENT_READ, self._on_readable)
+
+    def restore(self):
+        if self._fds is None:
+            return
+        signal.set_wakeup_fd(self._previous.pop("wakeup"))
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        for fd in self._fds:
             os.close(fd)
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise ThreadwardError("cannot lock %s: %s" % (_display_path(self.path), exc))
-            raise ThreadwardError(
-                "another `threadward run` is using this project: %s. Wait for it to end, or "
-                "stop it (`quit` in its console, or kill -TERM its PID on its host), then run "
-                "again" % (holder or "a run on another host (%s)" % _display_path(self.path)))
-        previous = os.read(fd, 4096).decode("utf-8", "replace").strip()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, ("PID %d on %s since %s\n" % (
-            os.getpid(), os.uname().nodename, time.strftime("%Y-%m-%d %H:%M:%S"))).encode(), 0)
-        self._fd = fd
-        return previous
+        self._fds = None
 
-    def release(self):
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)   # emptied first: a next run sees a clean hand-over
-            os.close(self._fd)          # closing lets go of the lock
-            self._fd = None
+    def _on_readable(self):
+        try:
+            data = os.read(self._fds[0], 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum != signal.SIGCHLD:
+                self.on_signal(signum)
+
+
+class _Console:
+    """Commands typed while a run goes on, one per line on stdin, turned into
+    calls of the run's verbs (quit, show, add_worker, remove_worker).  End of
+    input ends the console only: the run goes on (nohup, sbatch)."""
+
+    def __init__(self, run, fd):
+        self.run = run
+        self.fd = fd
+        self._buffer = _LineBuffer()
+
+    def register(self, selector):
+        """False if there is no usable stdin (closed, or a kind poll refuses)."""
+        try:
+            os.fstat(self.fd)
+            selector.register(self.fd, selectors.EVENT_READ, lambda: self._on_readable(selector))
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def _on_readable(self, selector):
+        try:
+            data = os.read(self.fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            selector.unregister(self.fd)
+            lines = [self._buffer.close()]   # `echo -n q |`: a last line without \n
+        else:
+            lines = self._buffer.feed(data)
+        for line in lines:
+            self.command(line.decode("utf-8", "replace").strip())
+
+    def command(self, line):
+        words = line.split()
+        if not words:
+            return
+        command, arguments = words[0].lower(), words[1:]
+        run = self.run
+        if command in ("q", "quit"):
+            run.quit()
+        elif command in ("s", "show"):
+            run.say(run.show())
+        elif command in ("a", "add"):
+            run.add_worker()
+        elif command in ("r", "remove"):
+            try:
+                worker_id = int(arguments[0])
+            except (IndexError, ValueError):
+                worker_id = arguments[0] if arguments else None
+            run.remove_worker(worker_id)
+        elif command in ("h", "help"):
+            run.say(CONSOLE_HELP)
+        else:
+            run.say("unknown command %r; commands: show (s), quit (q), add (a), "
+                    "remove N (r N), help (h)" % line)
 
 
 ###############################################################################
@@ -2100,7 +2929,10 @@ class _RunLock:
 ###############################################################################
 
 class Threadward:
-    """Runs a project: ``Threadward(directory).run()`` returns the exit code."""
+    """Runs a project: ``Threadward(directory).run()`` returns the exit code.
+
+    The verbs of a running sweep (the console calls them): ``quit``,
+    ``show``, ``add_worker``, ``remove_worker``."""
 
     def __init__(self, directory=".", fresh=False, dry_run=False, stdin_fd=0, out=None):
         self.project = _Project(directory)
@@ -2108,38 +2940,23 @@ class Threadward:
         self.dry_run = dry_run
         self._stdin_fd = stdin_fd
         self._out = out or sys.stdout
+        self.scheduler = None
+        self._ledger = None
         self._selector = None
+        self._signals = _Signals(self._on_signal)
+        self._monitor = None
+        self._launcher = None
         self._workers = {}            # worker id -> Worker (until reaped)
         self._hooks = {}              # on_task_success / on_task_failure, once looked up
-        self._next_worker_id = 0
-        self._free_slots = []         # indexes of slots not held by a worker
-        self._slots = []              # every _Slot: where a worker may run, with its GPUs
-        self._starting = 0            # how many workers start at once
-        self._launcher = None
+        self._places = None           # _Places: where workers run
         self._gpu_uuids = {}          # CUDA_VISIBLE_DEVICES entry -> GPU UUID
-        self._monitor = None
         self._next_sample = None
-        self._start_failures = collections.Counter()   # slot -> failed starts in a row
         self._stopping = None         # None, or why no new tasks are handed out
-        self._interrupting = False
-        self._hook_failed = False
+        self._interrupting = False    # running tasks are being ended
         self._stop_deadline = None    # SIGTERM: when running tasks are ended
-        self._pending_starts = []     # (when, slot): retries of workers that failed to start
+        self._hook_failed = False
         self._own_children = set()    # processes of before_all_tasks: not orphans
         self._orphans = _Orphans()    # what workers that died left running
-
-        self._wakeup = None
-        self._old_signals = {}
-        self._result_fds = {}
-        self._unwritten = {}          # result file name -> lines not yet written
-        self.succeeded = self.failed = self.skipped = 0
-        self._finish_at = None        # the estimated end of the sweep (monotonic)
-        self._lock = None
-        self.total = 0
-        self._durations_sum = 0.0
-        self._durations_max = 0.0
-        self._started = None
-        self._last_progress = (0.0, 0)
 
     # -- public entry -------------------------------------------------------
 
@@ -2168,40 +2985,36 @@ class Threadward:
         if self.dry_run:
             return self._print_dry_run()
         os.makedirs(project.queue_dir, exist_ok=True)
-        self._lock = _RunLock(os.path.join(project.queue_dir, "run.lock"))
-        taken_over = self._lock.acquire()
-        if taken_over:
-            self._say("taking over from a run that ended without letting go of the "
-                      "project (%s)%s" % (taken_over, "" if " on %s since " % os.uname().nodename
-                                          in taken_over else "; if it is still going on "
-                                          "there, stop this one: locks on this filesystem may "
-                                          "not reach across hosts"))
+        lock = _RunLock(os.path.join(project.queue_dir, "run.lock"))
+        notice = lock.acquire()
+        if notice:
+            self.say(notice)
         try:
             return self._run_locked()
         finally:
-            self._lock.release()
+            lock.release()
 
     def _run_locked(self):
         project = self.project
+        ledger = self._ledger = _Ledger(project.queue_dir)
         self._prepare_queue()
-        if not self.total:
-            self._say("all %d tasks already succeeded; nothing to run (--fresh runs them "
-                      "again)" % self.skipped)
+        if not ledger.total:
+            self.say("all %d tasks already succeeded; nothing to run (--fresh runs them "
+                     "again)" % ledger.skipped)
             return EXIT_OK
         self._cap_workers()
-        self._started = time.monotonic()
-        self._say("%s%s on %s%s; task output in %s" % (
+        ledger.open(self.fresh)
+        self.say("%s%s on %s%s; task output in %s" % (
             "%d of %d tasks already succeeded; running " % (
-                self.skipped, self.skipped + self.total) if self.skipped else "running ",
-            _plural(self.total, "task"), _plural(self._starting, "worker"),
-            self._gpu_summary(), _display_path(project.output_dir)))
-        self._open_result_files()
+                ledger.skipped, ledger.skipped + ledger.total) if ledger.skipped else "running ",
+            _plural(ledger.total, "task"), _plural(self._places.starting, "worker"),
+            self._places.summary(self.project, self._launcher), _display_path(project.output_dir)))
         self._selector = _Selector()
         self._monitor = _Monitor(self._selector, self._gpu_uuids)
-        self._next_sample = self._started + STATUS_INTERVAL
+        self._next_sample = ledger.started + STATUS_INTERVAL
         try:
-            self._install_signal_handlers()
-            self._register_console()
+            self._signals.install(self._selector)
+            _Console(self, self._stdin_fd).register(self._selector)
             _become_subreaper()
             if not self._call_main_hook("before_all_tasks"):
                 self._stop("before_all_tasks raised")
@@ -2218,14 +3031,13 @@ class Threadward:
                 if not self._call_main_hook("after_all_tasks"):
                     self._hook_failed = True
         finally:
-            self._restore_signal_handlers()
+            self._signals.restore()
             self._orphans.reap(until=time.monotonic() + KILL_WAIT)
             _become_subreaper(False)   # a library caller's process is left as it was
             self._monitor.close()
             self._write_status("finished")
             self._selector.close()
-            for fd in self._result_fds.values():
-                os.close(fd)
+            ledger.close()
         return self._print_summary()
 
     # -- preparing ----------------------------------------------------------
@@ -2233,177 +3045,53 @@ class Threadward:
     def _plan_workers(self):
         self._launcher = _Launcher(self.project)
         self._launcher.check_available()
-        self._slots, self._starting, self._gpu_uuids = self._launcher.plan_slots()
-        self._launcher.plan_cpus(self._starting)
-        self._free_slots = list(range(len(self._slots)))
+        slots, starting, self._gpu_uuids = self._launcher.plan_slots()
+        self._places = _Places(slots, starting)
+        self._launcher.plan_cpus(starting)
 
     def _cap_workers(self):
         """Never more workers than tasks to run (each costs a Python start
         and its memory before any task runs); the CPU share follows."""
-        project = self.project
-        if self._starting > self.total:
-            self._say("NUM_WORKERS = %d, but only %s to run: starting %d workers" % (
-                project.num_workers, _plural(self.total, "task"), self.total))
-            self._starting = self.total
-            self._launcher.plan_cpus(self._starting)
+        project, places = self.project, self._places
+        total = self._ledger.total
+        if places.starting > total:
+            self.say("NUM_WORKERS = %d, but only %s to run: starting %s" % (
+                project.num_workers, _plural(total, "task"), _plural(total, "worker")))
+            places.starting = total
+            self._launcher.plan_cpus(total)
         cores = len(self._launcher.cores)
         if self._launcher.kind == "local" and not project.gpus_per_worker and \
-                self._starting > cores:
-            self._say("note: %d workers on %d cores and no GPUs: they will share the cores"
-                      % (self._starting, cores))
-
-    def _gpu_summary(self):
-        project = self.project
-        hosts = sorted({slot.host for slot in self._slots if slot.host})
-        where = " on %s" % ", ".join(hosts) if hosts else (
-            " as Slurm job steps" if self._launcher.kind == "slurm" else "")
-        if not project.gpus_per_worker:
-            return where + ", CPU only"
-        if self._launcher.kind == "slurm":
-            return where + ", %s GPU per worker chosen by Slurm" % project.gpus_per_worker
-        used = sorted({g for slot in self._slots[:self._starting] for g in slot.gpus})
-        return where + ", GPUs %s" % ",".join(used)
-
-    def _task_of(self, indices):
-        task_id = _task_id(self.project.variable_set.folder_names(indices),
-                           self.project.folder_location)
-        return Task(task_id, indices, self.project.output_dir + os.sep + task_id)
-
-    def _read_succeeded(self):
-        path = os.path.join(self.project.queue_dir, "successful_tasks.txt")
-        try:
-            with open(path, "rb") as stream:
-                data = stream.read()
-        except FileNotFoundError:
-            return set()
-        lines = data.split(b"\n")
-        lines.pop()   # empty after a final newline; a torn last line otherwise
-        return {line.decode("utf-8", "replace") for line in lines if line}
+                places.starting > cores:
+            self.say("note: %d workers on %d cores and no GPUs: they will share the cores"
+                     % (places.starting, cores))
 
     def _prepare_queue(self):
         """Expand, check IDs, stream all_tasks.json, fill the scheduler."""
         project = self.project
-        variable_set = project.variable_set
-        os.makedirs(project.queue_dir, exist_ok=True)
         if _case_insensitive(project.queue_dir):
-            _check_case_collisions(variable_set, project.path("variable_iteration.py"))
-        succeeded = set() if self.fresh else self._read_succeeded()
-        scheduler = _Scheduler(len(variable_set.variables))
-        path = os.path.join(project.queue_dir, "all_tasks.json")
-        temporary = "%s.tmp%d" % (path, os.getpid())
-        _remove_stale_temporaries(project.queue_dir)   # ours alone: we hold the lock
-        try:
-            self._write_task_list(temporary, scheduler, succeeded)
-            os.replace(temporary, path)
-        except BaseException as exc:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            if isinstance(exc, OSError):   # a full disk, a quota, `ulimit -f`
-                raise ThreadwardError("cannot write %s: %s; nothing was run (free space, "
-                                      "then run again)"
-                                      % (_display_path(path), exc.strerror or exc))
-            raise
-        self.scheduler = scheduler
-        self.total = len(scheduler)
-
-    def _write_task_list(self, temporary, scheduler, succeeded):
-        project = self.project
-        variable_set = project.variable_set
-        location = project.folder_location
-        output_root = os.path.relpath(project.output_dir, project.directory)
-        check_ids = location == "VARIABLE_UNDERSCORE" and any(
-            "_" in folder for v in variable_set.variables for folder in v.folders)
-        seen_ids = set()
-        with open(temporary, "w", buffering=1 << 20) as stream:
-            stream.write("[")
-            separator = "\n"
-            for indices in variable_set.iter_indices():
-                task_id = _task_id(variable_set.folder_names(indices), location)
-                if check_ids:
-                    if task_id in seen_ids:
-                        raise ConfigError(
-                            "two tasks would share the ID and folder %r (folder names joined "
-                            "with \"_\" collide); use TASK_FOLDER_LOCATION = "
-                            "\"VARIABLE_SUBFOLDER\" or nicknames without \"_\"" % task_id,
-                            _display_path(project.path("variable_iteration.py")))
-                    seen_ids.add(task_id)
-                if location == "VARIABLE_UNDERSCORE" and len(task_id.encode()) > 255:
-                    raise ConfigError(
-                        "the folder name %r is longer than a filesystem allows (255 bytes); "
-                        "use shorter nicknames or TASK_FOLDER_LOCATION = \"VARIABLE_SUBFOLDER\""
-                        % task_id, _display_path(project.path("variable_iteration.py")))
-
-                stream.write('%s{"task_id": %s, "task_folder": %s, "variables": %s}' % (
-                    separator, json.dumps(task_id), json.dumps(output_root + "/" + task_id),
-                    variable_set.json_fragment(indices)))
-                separator = ",\n"
-                if task_id in succeeded:
-                    self.skipped += 1
-                else:
-                    scheduler.add(indices)
-            stream.write("\n]\n")
-
-    def _open_result_files(self):
-        for name in RESULT_FILES:
-            path = os.path.join(self.project.queue_dir, name)
-            truncate = self.fresh or name == "failed_tasks.txt"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND |
-                         (os.O_TRUNC if truncate else 0), 0o666)
-            self._result_fds[name] = fd
-            self._drop_torn_line(fd)
-
-    @staticmethod
-    def _drop_torn_line(fd):
-        """A crash mid-write can leave a last line without its newline: drop it."""
-        size = os.fstat(fd).st_size
-        if not size:
-            return
-        with open(fd, "rb", closefd=False) as stream:
-            start = max(0, size - 4096)
-            stream.seek(start)
-            tail = stream.read()
-        if not tail.endswith(b"\n"):
-            cut = tail.rfind(b"\n")
-            os.ftruncate(fd, start + cut + 1 if cut >= 0 else 0 if start == 0 else size)
+            _check_case_collisions(project.variable_set, project.path("variable_iteration.py"))
+        succeeded = set() if self.fresh else self._ledger.read_succeeded()
+        self.scheduler = _Scheduler(len(project.variable_set.variables))
+        self._ledger.skipped = _write_task_list(project, succeeded, self.scheduler)
+        self._ledger.total = len(self.scheduler)
 
     def _print_dry_run(self):
-        project = self.project
-        variable_set = project.variable_set
-        count, shown = 0, []
-        for indices in variable_set.iter_indices():
-            count += 1
-            if len(shown) < 10:
-                shown.append(self._task_of(indices))
-        self._say("dry run: %d tasks; nothing is started" % count)
-        for task in shown:
-            self._say("  %-40s %s" % (task.task_id, _display_path(task.folder)))
-        if count > len(shown):
-            self._say("  ... and %d more" % (count - len(shown)))
-        self._say("  CPU: %s" % self._launcher.cpu_summary())
-        for number, slot in enumerate(self._slots[:self._starting]):
-            self._say("  worker %d%s: CUDA_VISIBLE_DEVICES=%s%s" % (
-                number, " on %s" % slot.host if slot.host else "",
-                "(chosen by Slurm)" if self._launcher.kind == "slurm" and
-                project.gpus_per_worker else ",".join(slot.gpus) or '""',
-                ", cores %s" % ",".join(map(str, self._launcher.cores_of(number)))
-                if project.pin_cpus else ""))
-        reserve = len(self._slots) - self._starting
-        if project.gpus_per_worker and reserve > 0:
-            self._say("  %d more worker slots in reserve for `add`" % reserve)
+        for line in _dry_run_lines(self.project, self._places, self._launcher):
+            self.say(line)
         return EXIT_OK
 
     # -- the loop -----------------------------------------------------------
 
     def _loop(self):
-        while self._workers or self._pending_starts:
+        while self._workers or self._places.retries:
             self._wait_for_events()
             if time.monotonic() >= self._next_deadline:
                 self._expire_deadlines()
             self._reap_workers()
             self._assign_tasks()
-            self._report_progress()
+            line = self._ledger.progress()
+            if line:
+                self.say(line)
             self._write_results()
 
     def _wait_for_events(self):
@@ -2417,7 +3105,7 @@ class Threadward:
         # task finishes, and the loop would spin.
         deadlines = [w.deadline[0] for w in self._workers.values() if w.deadline]
         deadlines.append(self._next_sample)
-        deadlines.extend(when for when, _ in self._pending_starts)
+        deadlines.extend(when for when, _ in self._places.retries)
         for deadline in (self._stop_deadline, self._monitor.deadline()):
             if deadline:
                 deadlines.append(deadline)
@@ -2428,22 +3116,23 @@ class Threadward:
 
     def _expire_deadlines(self):
         now = time.monotonic()
-        for when, slot in list(self._pending_starts):
-            if now >= when:
-                self._pending_starts.remove((when, slot))
-                if self._stopping or not len(self.scheduler):
-                    self._free_slots.append(slot)
-                else:
-                    self._start_worker(slot)
+        for slot in self._places.due(now):
+            if self._stopping or not len(self.scheduler):
+                self._places.give_back(slot)
+            else:
+                self._start_worker(slot)
         if self._stop_deadline and now >= self._stop_deadline:
             self._stop_deadline = None
-            self._say("grace period over; ending running tasks")
+            self.say("grace period over; ending running tasks")
             self._interrupt_running()
         for worker in list(self._workers.values()):
             if worker.deadline and now >= worker.deadline[0]:
-                action = worker.deadline[1]
+                _, action, task = worker.deadline
                 worker.deadline = None
-                action(worker)
+                if action == Worker.TIMEOUT:
+                    self._on_timeout(worker, task)
+                else:
+                    worker.kill()
         self._monitor.expire(list(self._workers.values()))
         if now >= self._next_sample:
             self._next_sample = now + STATUS_INTERVAL
@@ -2467,29 +3156,20 @@ class Threadward:
                 "state": state, "pid": os.getpid(), "updated": time.time(),
                 "show": self._show_table()}, indent=1) + "\n")
         except OSError as exc:
-            self._say("could not write %s: %s" % (self.project.status_file, exc))
+            self.say("could not write %s: %s" % (self.project.status_file, exc))
 
     # -- workers: start, read, reap -----------------------------------------
 
     def _start_workers(self):
-        for _ in range(self._starting):
-            self._start_worker(self._free_slots.pop(0))
+        for _ in range(self._places.starting):
+            self._start_worker(self._places.take())
 
     def _start_worker(self, slot):
-        worker = Worker(self._next_worker_id, slot, self._slots[slot])
-        self._next_worker_id += 1
-        argv, env = self._launcher.command(worker, self.project.directory)
-        # A launcher's own messages (srun, ssh) go through us: shown with the
-        # worker's number, and kept to explain a worker that fails to start.
-        try:
-            os.makedirs(self.project.worker_log_dir, exist_ok=True)
-            worker.start(argv, env, self.project.directory,
-                         capture_stderr=self._launcher.indirect)
-        except OSError as exc:   # too many open files, a launcher gone since start-up
-            worker.fatal = "could not run %s: %s" % (argv[0], exc)
+        worker = Worker(self._places.new_worker_id(), slot, self._places.slots[slot],
+                        self.project.task_timeout)
+        if not worker.launch(self._launcher, self.project):
             self._on_start_failure(worker, "it could not be started")
             return None
-        worker.reports_stats = self._launcher.indirect
         self._workers[worker.worker_id] = worker
         self._selector.register(worker.fileno(), selectors.EVENT_READ,
                                 lambda: self._on_worker_readable(worker))
@@ -2530,63 +3210,70 @@ class Threadward:
                     self._selector.unregister(stderr.fileno())
             worker.close_pipes()
             if worker.poll() is None:
-                worker.deadline = (time.monotonic() + KILL_WAIT, self._kill_worker)
+                worker.deadline = (time.monotonic() + KILL_WAIT, Worker.KILL, None)
             else:
                 self._on_worker_exit(worker)
 
     def _on_worker_line(self, worker, line):
         try:
-            message = _json_decode(line.decode("utf-8"))
-            if not isinstance(message, dict):
-                raise ValueError
+            message = _decode(line)
         except ValueError:
             # e.g. a login script printing on the ssh session before the worker starts
             _stderr("ignored a line from worker %d that is not a protocol message: %r"
                     % (worker.worker_id, line[:200]))
             return
-        op = message.get("op")
-        if op == "ready":
-            worker.state = Worker.IDLE
-            self._start_failures[worker.slot] = 0
-            worker.remote_pid = message.get("pid")
-            worker.host = worker.host or (message.get("host") if self._launcher.indirect
-                                          else None)
-            if not worker.gpus and message.get("gpus"):   # Slurm chose them
-                worker.gpus = tuple(message["gpus"].split(","))
-        elif op == "stats":
-            for name in ("cpu", "rss", "gpu"):
-                if name in message:
-                    _update_stat(worker.stats, name, message[name])
-        elif op == "result" and worker.queue:
-            task = self._next_in_queue(worker)
-            success, reason = message.get("status") == 0, message.get("reason") or ""
-            # The scheduler learns from tasks that ran to their end.
-            self.scheduler.release(worker.worker_id, seconds=message.get("seconds") if success
-                                   else None, load=message.get("load", 0.0))
-            worker.last_seconds = message.get("seconds")
-            ours = worker.end_reason or self._interrupting   # the SIGTERM came from us
-            if message.get("terminated"):
-                worker.state = Worker.STOPPING   # it exits after this line: no new task
-                self._put_back_queued(worker, keep_running=False)
-                worker.terminated = not ours   # from someone else: it is not replaced
-            if not success and ours:
-                if worker.timed_out not in (None, task):
-                    # The task that timed out ended just before our SIGTERM,
-                    # which reached the next one: that one is run again.
-                    self.scheduler.add(task.indices)
-                    return
-                reason = worker.end_reason or "interrupted"   # we ended it, and know why
-            elif not success and message.get("terminated"):
-                reason = "interrupted"
-            self._record(task, success, reason, message.get("seconds"))
-        elif op == "cancelled":
-            self._on_cancelled(worker, message.get("id"))
-        elif op == "terminated":   # a SIGTERM between tasks: it exits, starting nothing
-            worker.state = Worker.STOPPING
-            worker.terminated = not (worker.end_reason or self._interrupting)
-            self._put_back_queued(worker, keep_running=False)
-        elif op == "fatal":
-            worker.fatal = message.get("error") or "unknown error"
+        handler = self._handlers.get(message["op"])
+        if handler is not None:
+            handler(self, worker, message)
+
+    def _on_ready(self, worker, message):
+        worker.ready(message, placed_elsewhere=self._launcher.indirect)
+        self._places.started(worker.slot)
+
+    def _on_stats(self, worker, message):
+        for name in ("cpu", "rss", "gpu"):
+            if name in message:
+                _update_stat(worker.stats, name, message[name])
+
+    def _on_result(self, worker, message):
+        if not worker.queue:
+            return
+        result = _Result.decode(message)
+        task = worker.answered()
+        worker.last_seconds = result.seconds
+        ours = worker.ended_by_us   # the SIGTERM (if any) came from us
+        if result.terminated:
+            worker.stops_itself()   # it exits after this line: no new task
+            self._put_back(worker, worker.take_back(keep_running=False))
+        if not result.succeeded and ours and worker.overdue not in (None, task):
+            # The task that timed out ended just before our SIGTERM, which
+            # reached the next one: that one runs again.
+            self.scheduler.put_back(worker.worker_id, task.indices, started=True)
+            return
+        # The scheduler learns from tasks that ran to their end.
+        self.scheduler.release(worker.worker_id, seconds=result.seconds if result.succeeded
+                               else None, load=result.load)
+        reason = result.reason
+        if not result.succeeded and (ours or result.terminated):
+            reason = worker.end_cause if ours else Worker.INTERRUPTED
+        self._record(task, result.succeeded, reason, result.seconds)
+
+    def _on_cancelled(self, worker, message):
+        task = worker.cancelled(message.get("id"))
+        if task is not None:
+            self.scheduler.put_back(worker.worker_id, task.indices)
+
+    def _on_terminated(self, worker, message):
+        """A SIGTERM between tasks: it exits, starting nothing."""
+        worker.stops_itself()
+        self._put_back(worker, worker.take_back(keep_running=False))
+
+    def _on_fatal(self, worker, message):
+        worker.fatal = message.get("error") or "unknown error"
+
+    _handlers = {OP_READY: _on_ready, OP_STATS: _on_stats, OP_RESULT: _on_result,
+                 OP_CANCELLED: _on_cancelled, OP_TERMINATED: _on_terminated,
+                 OP_FATAL: _on_fatal}
 
     def _reap_workers(self):
         for worker in list(self._workers.values()):
@@ -2599,168 +3286,98 @@ class Threadward:
         """The worker's pipe has closed and its process is gone."""
         if worker.state == Worker.EXITED:
             return
-        previous = worker.state
-        worker.state = Worker.EXITED
-        worker.deadline = None
+        previous = worker.exited()
         del self._workers[worker.worker_id]
         if worker.returncode != 0 and self._launcher.kind == "local":
             # It died: what its tasks started came to us.
             self._orphans.end(self._own_children | self._monitor.pids() | {
                 other.pid for other in self._workers.values()})
-        self._put_back_queued(worker)   # first: what was queued undoes its joins
+        self._put_back(worker, worker.take_back())   # first: queued ones undo their joins
         self.scheduler.forget(worker.worker_id)
         reason = worker.exit_reason()
         if worker.queue:
             task = worker.queue.popleft()
-            self._record(task, False, "interrupted" if self._interrupting
-                         else worker.end_reason or reason)
+            self._record(task, False, worker.lost_task_reason())
             self._show_log_tail(task)
         if previous == Worker.STARTING:
             self._on_start_failure(worker, reason)
             return
-        if worker.retiring or worker.terminated or (
-                previous == Worker.STOPPING and not worker.end_reason):
-            if worker.terminated and not self._stopping:
-                self._say("worker %d was stopped by a SIGTERM from outside threadward; it is "
-                          "not replaced (`add` starts another)" % worker.worker_id)
-            self._free_slots.append(worker.slot)
-            self._free_slots.sort()
+        outside = worker.end_cause == Worker.OUTSIDE
+        if worker.retiring or outside or (
+                previous == Worker.STOPPING and worker.end_cause != Worker.TIMEOUT):
+            if outside and not self._stopping:
+                self.say("worker %d was stopped by a SIGTERM from outside threadward; it is "
+                         "not replaced (`add` starts another)" % worker.worker_id)
+            self._places.give_back(worker.slot)
             return
         self._replace_worker(worker, reason)
 
     def _on_start_failure(self, worker, reason):
-        self._start_failures[worker.slot] += 1
-        failures = self._start_failures[worker.slot]
         detail = worker.fatal or "\n".join(worker.stderr_tail) or \
             "%s before it was ready" % reason
-        self._say("worker %d could not start (%s):\n%s" % (
+        self.say("worker %d could not start (%s):\n%s" % (
             worker.worker_id, reason, "    " + detail.rstrip().replace("\n", "\n    ")))
         if self._stopping or not len(self.scheduler):
-            self._free_slots.append(worker.slot)
-            return
-        if failures >= MAX_START_FAILURES:
-            self._say("giving up worker slot %d after %d failed starts in a row"
-                      % (worker.slot, failures))
-            if not self._workers and not self._pending_starts:
+            self._places.give_back(worker.slot)
+        elif not self._places.failed(worker.slot):
+            self.say("giving up worker slot %d after %d failed starts in a row"
+                     % (worker.slot, self._places.failures(worker.slot)))
+            if not self._workers and not self._places.retries:
                 self._stop("no worker could start")
-            return
-        self._pending_starts.append((time.monotonic() + failures * START_RETRY_DELAY,
-                                     worker.slot))
 
     def _replace_worker(self, worker, reason):
         if self._stopping or not len(self.scheduler):
-            self._free_slots.append(worker.slot)
+            self._places.give_back(worker.slot)
             return
         replacement = self._start_worker(worker.slot)
         if replacement is not None:
-            self._say("%s; started worker %d in its place" % (reason, replacement.worker_id))
-
-    def _kill_worker(self, worker):
-        if worker.poll() is None:
-            # Its descendants first: those in sessions of their own are not in its group.
-            _kill_descendants(worker.pid)
-        worker.signal_group(signal.SIGKILL)
-        if worker.process.stdout.closed and worker.poll() is None:
-            # SIGKILL cannot be ignored; the reap after SIGCHLD finishes the job.
-            worker.deadline = (time.monotonic() + KILL_WAIT, self._kill_worker)
-
-    def _end_worker(self, worker, reason=None):
-        """SIGTERM the worker's process group now, SIGKILL after KILL_WAIT."""
-        if reason:
-            worker.end_reason = reason
-        worker.signal_group(signal.SIGTERM)
-        worker.deadline = (time.monotonic() + KILL_WAIT, self._kill_worker)
+            self.say("%s; started worker %d in its place" % (reason, replacement.worker_id))
 
     def _show_log_tail(self, task):
-        try:
-            with open(task.log_file, "rb") as stream:
-                stream.seek(max(0, os.fstat(stream.fileno()).st_size - 4096))
-                lines = stream.read().decode("utf-8", "replace").splitlines()[-LOG_TAIL_LINES:]
-        except OSError:
-            return
+        lines = _log_tail(task.log_file)
         if lines and self.project.failure_handling != "SILENT_CONTINUE":
-            self._say("  last lines of %s:\n    %s"
-                      % (_display_path(task.log_file), "\n    ".join(lines)))
+            self.say("  last lines of %s:\n    %s"
+                     % (_display_path(task.log_file), "\n    ".join(lines)))
 
     # -- handing out tasks --------------------------------------------------
 
     def _assign_tasks(self):
+        """Idle workers ask for tasks (the scheduler says in which order, and
+        whether one should wait); busy ones whose tasks are short get their
+        next one queued."""
         workers = list(self._workers.values())
-        # Idle workers first: they wait, busy ones do not.  A worker may wait
-        # for a task worth its load only while another holds one (an event is
-        # then sure to come, also when it was given in this pass); it asks
-        # again at the first pass WAIT_RECHECK after, and the sample timer
-        # makes a pass at least every STATUS_INTERVAL.
         idle = [w for w in workers if w.state == Worker.IDLE]
-        holding = idle and any(worker.queue for worker in workers)
-        now = time.monotonic()
-        for worker in self._asking_order(idle):
+        free = []
+        for worker in idle:
             if self._stopping or worker.retiring:
-                self._shut_down(worker)
-            elif worker.waiting is not None and now < worker.waiting and len(self.scheduler):
-                continue
-            elif self._send_task(worker, patient=holding):
-                worker.waiting = None
-                holding = True
-            elif len(self.scheduler):
-                worker.waiting = now + WAIT_RECHECK
+                worker.shut_down()
             else:
-                worker.waiting = None
-                if not self._take_back_queued():
-                    self._shut_down(worker)   # nothing left, here or queued elsewhere
+                free.append(worker.worker_id)
+        # A worker may wait for a task worth its load only while another
+        # holds one: an event is then sure to come.
+        holding = bool(idle) and any(worker.queue for worker in workers)
+        for worker_id, indices in self.scheduler.hand_out(free, holding):
+            worker = self._workers[worker_id]
+            if indices is not None:
+                worker.hand(*self._task_line(indices))
+            elif not len(self.scheduler) and not self._take_back_queued():
+                worker.shut_down()   # nothing left, here or queued elsewhere
         for worker in workers:
             if worker.state == Worker.BUSY and self._queues_ahead(worker):
-                self._send_task(worker)
+                indices = self.scheduler.assign(worker.worker_id, ahead=True)
+                if indices is not None:
+                    worker.hand(*self._task_line(indices))
 
-    def _asking_order(self, idle):
-        """Those told to wait ask last; of those that have just answered, the
-        one with the most of its branch left asks first, again after each
-        ask (a task given may end another's branch): a branch's own workers
-        are back in it before another could find it free and join it
-        unchecked."""
-        answered = [worker for worker in idle if worker.waiting is None]
-        while answered:
-            worker = max(answered, key=lambda w: self.scheduler.kept(w.worker_id))
-            answered.remove(worker)
-            yield worker
-        for worker in idle:
-            if worker.waiting is not None:
-                yield worker
+    def _task_line(self, indices):
+        task = _task_of(self.project, indices)
+        variable_set = self.project.variable_set
+        return task, _encode_task(task, variable_set.texts(indices, TASK_VARIABLE))
 
     def _queues_ahead(self, worker):
-        return (len(worker.queue) == 1 and not worker.cancelling and not worker.retiring
-                and not worker.process.stdout.closed   # it is gone, not yet reaped
-                and not self._stopping and worker.last_seconds is not None
-                and worker.last_seconds < QUEUE_AHEAD_BELOW
-                # STOP_EXECUTION: a task queued ahead would start before the
-                # failure of the one before it is known here.
+        # STOP_EXECUTION: a task queued ahead would start before the failure
+        # of the one before it is known here.
+        return (worker.may_queue_ahead() and not self._stopping
                 and self.project.failure_handling != "STOP_EXECUTION")
-
-    def _send_task(self, worker, patient=True):
-        """Give ``worker`` its next task (queued if it is busy); False if none
-        is left or (``patient``: others are working) none is worth its load."""
-        indices = self.scheduler.assign(worker.worker_id, ahead=bool(worker.queue),
-                                        patient=patient)
-        if indices is None:
-            return False
-        task = self._task_of(indices)
-        worker.queue.append(task)
-        if len(worker.queue) == 1:
-            self._task_started(worker)
-        # If the worker is gone, the send fails and its exit records the task.
-        worker.send(task.message(self.project.variable_set))
-        return True
-
-    def _task_started(self, worker):
-        """The first task of its queue runs from now (the answer to the one
-        before has just come, or it was idle)."""
-        task = worker.queue[0]
-        task.started = time.monotonic()
-        worker.state = Worker.BUSY
-        worker.deadline = None
-        if self.project.task_timeout:
-            worker.deadline = (task.started + self.project.task_timeout,
-                               lambda w, task=task: self._on_timeout(w, task))
 
     def _on_timeout(self, worker, task):
         # Its answer may be waiting unread: if the task has ended after all,
@@ -2768,67 +3385,21 @@ class Threadward:
         if not worker.process.stdout.closed and _readable_now(worker.fileno()):
             self._on_worker_readable(worker)
         if worker.task is task:
-            worker.timed_out = task
-            self._end_worker(worker, "timeout")
-
-    def _next_in_queue(self, worker):
-        """The worker has answered its running task: the next one in its queue
-        starts, or it is idle."""
-        task = worker.queue.popleft()
-        worker.cancelling.discard(task.task_id)
-        if worker.queue:
-            self._task_started(worker)
-        else:
-            worker.state = Worker.IDLE
-            worker.deadline = None
-        return task
-
-    def _on_cancelled(self, worker, task_id):
-        """A queued task the worker gave back unstarted (it may come before
-        the result of the task running ahead of it)."""
-        for position, task in enumerate(worker.queue):
-            if task.task_id == task_id:
-                break
-        else:
-            return
-        if position == 0:
-            self._next_in_queue(worker)
-        else:
-            del worker.queue[position]
-            worker.cancelling.discard(task_id)
-        self.scheduler.put_back(worker.worker_id, task.indices)
-        worker.last_seconds = None   # not queued here again before its next result
-
-    def _cancel_queued(self, worker, with_running=False):
-        """Take back what the worker has not started: the tasks queued behind
-        the running one and, ``with_running``, that one too in case its start
-        is still ahead (its predecessor's result has just come).  A CANCEL
-        line: each comes back "cancelled", or as a result if it had started.
-        True while an answer is due for a task that was queued behind."""
-        queued = {task.task_id for task in list(worker.queue)[1:]}
-        if queued - worker.cancelling or (with_running and worker.queue):
-            worker.cancelling |= queued
-            worker.send((CANCEL + "\n").encode())
-        return bool(worker.cancelling)
+            worker.overdue = task
+            worker.end(Worker.TIMEOUT)
 
     def _take_back_queued(self):
         """An idle worker found nothing: tasks queued behind others' running
         ones come back to the scheduler (True if some may)."""
         waiting = False
         for other in self._workers.values():
-            waiting = self._cancel_queued(other) or waiting
+            waiting = other.cancel_queued() or waiting
         return waiting
 
-    def _put_back_queued(self, worker, keep_running=True):
-        """Tasks a gone (or going) worker will never start return to the scheduler."""
-        while len(worker.queue) > (1 if keep_running else 0):
-            self.scheduler.put_back(worker.worker_id, worker.queue.pop().indices)
-        worker.cancelling.clear()
-
-    def _shut_down(self, worker):
-        worker.state = Worker.STOPPING
-        worker.waiting = None
-        worker.send((SHUT_DOWN + "\n").encode())
+    def _put_back(self, worker, tasks):
+        """Tasks ``worker`` never started return to the scheduler (newest first)."""
+        for task in tasks:
+            self.scheduler.put_back(worker.worker_id, task.indices)
 
     def _stop_all_workers(self):
         """Last resort on the way out (an exception, or workers still alive)."""
@@ -2839,9 +3410,9 @@ class Threadward:
                 worker.process.wait(KILL_WAIT)
             except subprocess.TimeoutExpired:
                 pass
-            self._put_back_queued(worker)
+            self._put_back(worker, worker.take_back())
             if worker.queue:
-                self._record(worker.queue.popleft(), False, "interrupted")
+                self._record(worker.queue.popleft(), False, Worker.INTERRUPTED)
         self._workers.clear()
 
     # -- results ------------------------------------------------------------
@@ -2849,23 +3420,14 @@ class Threadward:
     def _record(self, task, success, reason, seconds=None):
         if seconds is None and task.started is not None:
             seconds = time.monotonic() - task.started
-        if seconds is not None:
-            self._durations_sum += seconds
-            self._durations_max = max(self._durations_max, seconds)
-        if success:
-            self.succeeded += 1
-            self._append("successful_tasks.txt", task.task_id)
-        else:
-            self.failed += 1
-            reason = _one_line(reason) or "failed"
-            self._append("failed_tasks.txt", "%s\t%s" % (task.task_id, reason))
+        reason = self._ledger.record(task.task_id, success, reason, seconds)
+        if not success:
             handling = self.project.failure_handling
             if handling != "SILENT_CONTINUE":
-                self._say("FAILED %s: %s (log: %s)" % (task.task_id, reason,
-                                                       _display_path(task.log_file)))
+                self.say("FAILED %s: %s (log: %s)" % (task.task_id, reason,
+                                                      _display_path(task.log_file)))
             if handling == "STOP_EXECUTION":
                 self._stop("a task failed and FAILURE_HANDLING is STOP_EXECUTION")
-        self._estimate_finish()
         hook = "on_task_success" if success else "on_task_failure"
         function = _hook_of(self._hooks, self.project.variable_module, hook)
         if function is not None:
@@ -2875,23 +3437,13 @@ class Threadward:
             try:
                 function(*arguments)
             except Exception:
-                self._say("%s raised (the run goes on):\n%s" % (hook, traceback.format_exc()))
-
-    def _append(self, name, line):
-        self._unwritten.setdefault(name, []).append(line)
+                self.say("%s raised (the run goes on):\n%s" % (hook, traceback.format_exc()))
 
     def _write_results(self):
-        """Append the lines recorded since the last select to their files:
-        whole lines, in one write per file (O_APPEND), so a crash leaves no
-        half line, and a task whose line is lost is only run again."""
-        unwritten, self._unwritten = self._unwritten, {}
-        for name, lines in unwritten.items():
-            try:
-                _write_all(self._result_fds[name], ("\n".join(lines) + "\n").encode("utf-8"))
-            except OSError as exc:
-                self._say("cannot record %s in %s (%s); stopping: free space or fix "
-                          "permissions, then run again" % (", ".join(lines), name, exc))
-                self._stop("results cannot be written")
+        error = self._ledger.write()
+        if error:
+            self.say("%s; stopping: free space or fix permissions, then run again" % error)
+            self._stop("results cannot be written")
 
     # -- stopping -----------------------------------------------------------
 
@@ -2901,7 +3453,7 @@ class Threadward:
             return False
         self._stopping = why
         for worker in self._workers.values():
-            self._cancel_queued(worker, with_running=True)
+            worker.cancel_queued(with_running=True)
         return True
 
     def _interrupt_running(self):
@@ -2910,152 +3462,80 @@ class Threadward:
         self._stop("interrupted")
         for worker in self._workers.values():
             if worker.state != Worker.IDLE:
-                self._end_worker(worker)
+                worker.end(Worker.INTERRUPTED)
 
-    # -- signals ------------------------------------------------------------
+    def _on_signal(self, signum):
+        if signum == signal.SIGINT and self._stopping and not self._interrupting:
+            self.say("second Ctrl-C: ending running tasks (recorded as interrupted)")
+            self._interrupt_running()
+        elif signum == signal.SIGUSR1:   # `kill -USR1 PID`: show, where no console is
+            self.say(self._show_table())
+        elif signum in (signal.SIGTERM, signal.SIGHUP) and not self._stop_deadline \
+                and not self._interrupting:
+            # Even after `quit`: preemption gives a deadline we must keep.
+            # SIGHUP (the terminal closed, ssh dropped) is handled alike.
+            name = signal.Signals(signum).name
+            grace = self.project.sigterm_grace
+            self._stop("stopped by %s" % name)
+            self._stop_deadline = time.monotonic() + grace
+            self.say("%s: no new tasks; running tasks %s" % (
+                name, "may take as long as they need (SIGTERM_GRACE = inf)"
+                if grace == float("inf") else "get %gs to finish" % grace))
+        elif signum == signal.SIGINT and not self._stopping:
+            self._stop("stopped by SIGINT")
+            self.say("stopping: no new tasks; running tasks finish "
+                     "(press Ctrl-C again to stop running tasks)")
 
-    def _install_signal_handlers(self):
-        if threading.current_thread() is not threading.main_thread():
-            return
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        self._wakeup = (read_fd, write_fd)
-        self._old_signals["wakeup"] = signal.set_wakeup_fd(write_fd,
-                                                           warn_on_full_buffer=False)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
-                    signal.SIGCHLD):
-            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
-                continue   # `nohup threadward run`: the user asked to ride out a hang-up
-            # The handler only records (via the wakeup fd); the loop acts.
-            self._old_signals[sig] = signal.signal(sig, lambda signum, frame: None)
-        self._selector.register(read_fd, selectors.EVENT_READ, self._on_signals)
+    # -- the verbs of a running sweep ---------------------------------------
 
-    def _restore_signal_handlers(self):
-        if self._wakeup is None:
-            return
-        signal.set_wakeup_fd(self._old_signals.pop("wakeup"))
-        for sig, handler in self._old_signals.items():
-            signal.signal(sig, handler)
-        for fd in self._wakeup:
-            os.close(fd)
-        self._wakeup = None
-
-    def _on_signals(self):
-        try:
-            data = os.read(self._wakeup[0], 512)
-        except BlockingIOError:
-            return
-        for signum in data:
-            if signum == signal.SIGCHLD:
-                continue   # the reap step that follows every wake-up does the work
-            if signum == signal.SIGINT and self._stopping and not self._interrupting:
-                self._say("second Ctrl-C: ending running tasks (recorded as interrupted)")
-                self._interrupt_running()
-            elif signum == signal.SIGUSR1:   # `kill -USR1 PID`: show, where no console is
-                self._say(self._show_table())
-            elif signum in (signal.SIGTERM, signal.SIGHUP) and not self._stop_deadline \
-                    and not self._interrupting:
-                # Even after `quit`: preemption gives a deadline we must keep.
-                # SIGHUP (the terminal closed, ssh dropped) is handled alike.
-                name = signal.Signals(signum).name
-                grace = self.project.sigterm_grace
-                self._stop("stopped by %s" % name)
-                self._stop_deadline = time.monotonic() + grace
-                self._say("%s: no new tasks; running tasks %s" % (
-                    name, "may take as long as they need (SIGTERM_GRACE = inf)"
-                    if grace == float("inf") else "get %gs to finish" % grace))
-            elif signum == signal.SIGINT and not self._stopping:
-                self._stop("stopped by SIGINT")
-                self._say("stopping: no new tasks; running tasks finish "
-                          "(press Ctrl-C again to stop running tasks)")
-
-    # -- console ------------------------------------------------------------
-
-    def _register_console(self):
-        try:
-            os.fstat(self._stdin_fd)
-            self._selector.register(self._stdin_fd, selectors.EVENT_READ, self._on_console)
-        except (OSError, ValueError):
-            return   # no usable stdin (closed, or a kind poll refuses): no console
-        self._console = _LineBuffer()
-
-    def _on_console(self):
-        try:
-            data = os.read(self._stdin_fd, 4096)
-        except OSError:
-            data = b""
-        if not data:
-            # End of input ends the console only; the run goes on (nohup, sbatch).
-            self._selector.unregister(self._stdin_fd)
-            lines = [self._console.close()]   # `echo -n q |`: a last line without \n
+    def quit(self):
+        """No new tasks; running tasks finish, then teardown."""
+        if self._stop("quit"):
+            self.say("quit: no new tasks; waiting for %d running task(s), then teardown"
+                     % sum(1 for w in self._workers.values() if w.state == Worker.BUSY))
         else:
-            lines = self._console.feed(data)
-        for line in lines:
-            self._console_command(line.decode("utf-8", "replace").strip())
+            self.say("already stopping (%s)" % self._stopping)
 
-    def _console_command(self, line):
-        words = line.split()
-        if not words:
-            return
-        command, arguments = words[0].lower(), words[1:]
-        if command in ("q", "quit"):
-            if self._stop("quit"):
-                self._say("quit: no new tasks; waiting for %d running task(s), then teardown"
-                          % sum(1 for w in self._workers.values() if w.state == Worker.BUSY))
-            else:
-                self._say("already stopping (%s)" % self._stopping)
-        elif command in ("s", "show"):
-            self._monitor.sample(self._watched_workers())
-            self._say(self._show_table())
+    def show(self):
+        """Progress and each worker's state, CPU, RAM and GPU memory, measured now."""
+        self._monitor.sample(self._watched_workers())
+        return self._show_table()
 
-        elif command in ("a", "add"):
-            self._console_add()
-        elif command in ("r", "remove"):
-            self._console_remove(arguments)
-        elif command in ("h", "help"):
-            self._say(CONSOLE_HELP)
-        else:
-            self._say("unknown command %r; commands: show (s), quit (q), add (a), "
-                      "remove N (r N), help (h)" % line)
-
-    def _console_add(self):
+    def add_worker(self):
+        """One more worker under the same constraints."""
         if self._stopping:
-            self._say("add: not while stopping (%s)" % self._stopping)
+            self.say("add: not while stopping (%s)" % self._stopping)
         elif not len(self.scheduler):
-            self._say("add: no tasks are waiting; nothing for a new worker to do")
-        elif not self._free_slots and self.project.gpus_per_worker \
+            self.say("add: no tasks are waiting; nothing for a new worker to do")
+        elif not self._places.free and self.project.gpus_per_worker \
                 and self._launcher.kind != "slurm":
-            self._say("add: no GPUs left in reserve (every usable GPU share is held by a "
-                      "worker); remove a worker or widen INCLUDE_GPUS")
+            self.say("add: no GPUs left in reserve (every usable GPU share is held by a "
+                     "worker); remove a worker or widen INCLUDE_GPUS")
         else:
-            if not self._free_slots:   # nothing to reserve: one more like the first
-                self._slots.append(self._slots[0])
-                self._free_slots.append(len(self._slots) - 1)
-            worker = self._start_worker(self._free_slots.pop(0))
+            if not self._places.free:   # nothing to reserve: one more like the first
+                self._places.add_like_the_first()
+            worker = self._start_worker(self._places.take())
             if worker is not None:
-                self._say("add: started worker %d%s" % (worker.worker_id, " on GPU %s" % (
+                self.say("add: started worker %d%s" % (worker.worker_id, " on GPU %s" % (
                     ",".join(worker.gpus)) if worker.gpus else ""))
 
-    def _console_remove(self, arguments):
-        try:
-            worker = self._workers[int(arguments[0])]
-        except (IndexError, ValueError, KeyError):
-            self._say("remove: %s; running workers: %s" % (
-                "no worker %s" % arguments[0] if arguments else "give a worker ID",
+    def remove_worker(self, worker_id):
+        """Worker ``worker_id`` takes no new task and shuts down after its current one."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            self.say("remove: %s; running workers: %s" % (
+                "no worker %s" % worker_id if worker_id is not None else "give a worker ID",
                 ", ".join(str(i) for i in self._workers) or "none"))
             return
-
         worker.retiring = True
-        self._cancel_queued(worker, with_running=True)
-
-        self._say("remove: worker %d takes no new task%s" % (
+        worker.cancel_queued(with_running=True)
+        self.say("remove: worker %d takes no new task%s" % (
             worker.worker_id, "; it finishes %s first" % worker.task.task_id
             if worker.task else ""))
 
     # -- reporting ----------------------------------------------------------
 
-    def _say(self, message):
+    def say(self, message):
         try:
             self._out.write(message + "\n")
             self._out.flush()
@@ -3071,90 +3551,22 @@ class Threadward:
         os.close(null)
         self._out = open(os.devnull, "w")
 
-    def _elapsed(self):
-        return time.monotonic() - self._started
-
-    def _eta(self):
-        """Seconds left, from the finish time estimated at the last result:
-        the progress line, `show` and status.json count down the same one."""
-        if self._finish_at is None:
-            return None
-        return max(0.0, self._finish_at - time.monotonic())
-
-    def _estimate_finish(self):
-        done = self.succeeded + self.failed
-        self._finish_at = time.monotonic() + self._elapsed() / done * (self.total - done)
-
-    def _report_progress(self):
-        done = self.succeeded + self.failed
-        last_time, last_done = self._last_progress
-        now = time.monotonic()
-        tenths = done * 10 // self.total
-        if tenths > last_done * 10 // self.total or (
-                done != last_done and now - (last_time or self._started) >= PROGRESS_INTERVAL):
-            self._last_progress = (now, done)
-            self._say("[%s] %d/%d done, %d failed, ETA %s" % (
-                _format_duration(self._elapsed()), done, self.total, self.failed,
-                _format_duration(self._eta())))
-
     def _show_table(self):
         """The `show` view (also in status.json): fits 100 columns."""
-        done = self.succeeded + self.failed
-        lines = [
-            "elapsed %s   ETA %s   per task: avg %s, max %s" % (
-                _format_duration(self._elapsed()), _format_duration(self._eta()),
-                "%.2fs" % (self._durations_sum / done) if done else "?",
-                "%.2fs" % self._durations_max if done else "?"),
-            "tasks: %d succeeded, %d failed, %d skipped (done before), %d remaining of %d" % (
-                self.succeeded, self.failed, self.skipped, self.total - done,
-                self.total + self.skipped),
-            "CPU: %s" % self._launcher.cpu_summary(),
-        ]
-        # Remote workers show pid@host; the state column gives up the room.
-        where_width = max([8] + [len(w.where()) for w in self._workers.values()])
-        where_width = min(where_width, 20)
-        state_width = 40 - where_width
-        row = "%%3s  %%-%ds %%-7s %%-%ds %%11s  %%-13s %%s" % (where_width, state_width)
-        remote = any(w.host for w in self._workers.values())
-        if not self._workers:
-            return "\n".join(lines)
-        lines.append(row % ("ID", "PID@host" if remote else "PID", "GPUs", "state",
-                            "CPU% now/max", "RAM now/max", "GPU mem now/max"))
-        for worker in self._workers.values():
-            state = worker.state
-            if worker.task is not None:
-                task_id = worker.task.task_id
-                state = "busy %s %s" % (_format_duration(time.monotonic() - worker.task.started),
-                                        _elide(task_id, state_width - 13))
-            elif worker.waiting is not None:
-                state = "idle: no task worth a load"
-            if worker.retiring:
-                state = "removing; " + state
-            stats = worker.stats
-            lines.append(row % (
-                worker.worker_id, worker.where()[:where_width], ",".join(worker.gpus)[:7] or "-",
-                state[:state_width],
-                "%s/%s" % (stats.get("cpu", "?"), stats.get("cpu_max", "?")),
-                "%s/%s" % (_format_bytes(stats.get("rss")), _format_bytes(stats.get("rss_max"))),
-                "%s/%s" % (_format_bytes(stats.get("gpu")), _format_bytes(stats.get("gpu_max")))
-                if worker.gpus else "-"))
+        lines = self._ledger.overview() + ["CPU: %s" % self._launcher.cpu_summary()]
+        if self._workers:
+            lines += _worker_table(self._workers.values(), self.scheduler.is_waiting)
         return "\n".join(lines)
 
     def _print_summary(self):
-        stopped = self._stopping and len(self.scheduler)
-        self._say("%s in %s: %d succeeded, %d failed%s%s" % (
-            "stopped (%s)" % self._stopping if stopped else "done",
-            _format_duration(self._elapsed()),
-            self.succeeded, self.failed,
-            ", %d not run" % len(self.scheduler) if len(self.scheduler) else "",
-            ", %d skipped (already succeeded)" % self.skipped if self.skipped else ""))
-        if self.failed:
-            self._say("failed tasks are listed in %s; `threadward run` again retries them"
-                      % _display_path(os.path.join(self.project.queue_dir,
-                                                   "failed_tasks.txt")))
+        not_run = len(self.scheduler)
+        stopped = self._stopping if self._stopping and not_run else None
+        for line in self._ledger.summary(stopped, not_run):
+            self.say(line)
         if self._hook_failed:
-            self._say("after_all_tasks raised (see above)")
-        return EXIT_OK if not (self.failed or stopped or self._hook_failed) else EXIT_FAILED
+            self.say("after_all_tasks raised (see above)")
+        return EXIT_OK if not (self._ledger.failed or stopped or self._hook_failed) \
+            else EXIT_FAILED
 
     # -- main-process hooks -------------------------------------------------
 
@@ -3167,7 +3579,7 @@ class Threadward:
                 function()
             return True
         except Exception:
-            self._say("%s raised:\n%s" % (name, traceback.format_exc().rstrip()))
+            self.say("%s raised:\n%s" % (name, traceback.format_exc().rstrip()))
             return False
 
 
@@ -3279,8 +3691,8 @@ class _WorkerProcess:
         self._poller = select.poll()
         self._poller.register(self.channel_in, select.POLLIN)
 
-    def send(self, message):
-        _write_all(self.channel_out, (json.dumps(message) + "\n").encode())
+    def send(self, line):
+        _write_all(self.channel_out, line)
 
     def _point_output(self, fd):
         """Make fd 0 /dev/null and fd 1, 2 ``fd``; the Python streams follow."""
@@ -3344,8 +3756,7 @@ class _WorkerProcess:
             # Spawned and forkserver children (multiprocessing, loky, a DataLoader)
             # import the functions of the project files by their module names.
             sys.path.append(self.project.config_dir)
-            self.project.load_task_module()
-            self.project.load_variable_module()
+            self.project.load_for_worker()
             self.converters = self.project.converters()
             self.spec = self.project.task_module
             self._call_hook("before_each_worker", self.worker_id)
@@ -3353,10 +3764,10 @@ class _WorkerProcess:
         except BaseException as exc:
             _print_traceback()
             error = str(exc) if isinstance(exc, ConfigError) else traceback.format_exc()
-            self._send_quietly({"op": "fatal", "error": error})
+            self._send_quietly(_encode(OP_FATAL, error=error))
             return 3
-        self._send_quietly({"op": "ready", "pid": os.getpid(), "host": os.uname().nodename,
-                            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+        self._send_quietly(_encode(OP_READY, pid=os.getpid(), host=os.uname().nodename,
+                                   gpus=os.environ.get("CUDA_VISIBLE_DEVICES", "")))
         if self.report_stats:
             threading.Thread(target=self._report_stats_forever, daemon=True).start()
         # SIGTERM raises _Terminated only while we wait for a task or run one;
@@ -3383,9 +3794,9 @@ class _WorkerProcess:
                 result = self._result(message, False, "interrupted (SIGTERM)", started)
                 self._sigterm_pending = True
             if self._sigterm_pending:
-                result["terminated"] = True
+                result.terminated = True
             watchdog.disarm()
-            if not self._send_quietly(result):
+            if not self._send_quietly(result.encode()):
                 return 0  # the main process is gone: never record anything
         self._call_hook("after_each_worker", self.worker_id)
         return 0
@@ -3407,14 +3818,14 @@ class _WorkerProcess:
                     if not self._lines:
                         continue
                     line = self._lines.popleft().strip()
-                    if line == SHUT_DOWN.encode():
+                    if line == SHUT_DOWN:
                         return None
-                    return _json_decode(line.decode("utf-8"))
+                    return _decode(line)
             except _Terminated:
                 self._read_lines(block=False)
                 self._give_back(self._lines)
                 self._lines.clear()
-                self._send_quietly({"op": "terminated"})
+                self._send_quietly(_encode(OP_TERMINATED))
                 raise
 
     def take_cancels(self):
@@ -3431,11 +3842,10 @@ class _WorkerProcess:
 
     def _apply_cancels(self):
         """Every task line before the last CANCEL goes back ("cancelled")."""
-        cancel = CANCEL.encode()
         lines = [line.strip() for line in self._lines]
-        if cancel not in lines:
+        if CANCEL not in lines:
             return
-        last = len(lines) - 1 - lines[::-1].index(cancel)
+        last = len(lines) - 1 - lines[::-1].index(CANCEL)
         self._give_back(lines[:last])
         self._lines = collections.deque(lines[last + 1:])
 
@@ -3443,8 +3853,7 @@ class _WorkerProcess:
         """Answer "cancelled" for the task lines among ``lines``."""
         for line in lines:
             if line.strip().startswith(b"{"):
-                self._send_quietly({"op": "cancelled",
-                                    "id": _json_decode(line.decode("utf-8"))["id"]})
+                self._send_quietly(_encode(OP_CANCELLED, id=_decode(line)["id"]))
 
     def _read_lines(self, block):
         """Add what the channel holds to self._lines; False at its end."""
@@ -3555,7 +3964,7 @@ class _WorkerProcess:
         known = {}
         while True:
             time.sleep(STATUS_INTERVAL)   # a worker thread, not the main loop
-            stats = {"op": "stats"}
+            stats = {}
             pids = {os.getpid()}
             if psutil is not None:
                 try:
@@ -3566,7 +3975,7 @@ class _WorkerProcess:
                 stats["cpu"], stats["rss"] = _tree_usage(psutil, pids, known)
             if os.environ.get("CUDA_VISIBLE_DEVICES"):
                 stats["gpu"] = _own_gpu_memory(pids, self.children.helpers)
-            if not self._send_quietly(stats):
+            if not self._send_quietly(_encode(OP_STATS, **stats)):
                 return
 
     def _hook(self, name):
@@ -3621,11 +4030,8 @@ class _WorkerProcess:
         return None
 
     def _result(self, message, success, reason, started):
-        result = {"op": "result", "id": message["id"], "status": 0 if success else 1,
-                  "reason": reason, "seconds": time.monotonic() - started}
-        if self.load_seconds:
-            result["load"] = self.load_seconds
-        return result
+        return _Result(message["id"], success, reason, time.monotonic() - started,
+                       self.load_seconds)
 
     def _run_hooks(self, variable_list, folder, log_file):
         """before_each_task, task_method, after_each_task, verify_task_success,

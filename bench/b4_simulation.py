@@ -70,32 +70,24 @@ def simulate(shape, workers, durations, rng, ragged=False, patient=True, limit=T
     else:   # heavy-tailed: exponential with mean 1
         length = {task: rng.expovariate(1.0) for task in tasks}
     clock = [0.0]
-    scheduler = threadward._Scheduler(depth, clock=lambda: clock[0])
-    if not limit:   # the baseline: join whenever the load pays
-        scheduler._may_join = lambda level: True
+    # The baselines: without the join limit (join whenever the load pays);
+    # not patient (never wait: join at once).
+    policy = threadward._JoinPolicy(limit=limit and patient, weigh=patient)
+    scheduler = threadward._Scheduler(depth, clock=lambda: clock[0], policy=policy)
     for task in tasks:
         scheduler.add(task)
     held = [None] * workers
     took = [None] * workers   # (seconds, load seconds) of its task in flight
-    waiting = []              # workers the scheduler told to wait
+    idle = list(range(workers))
     loads = [0] * depth
     used = set()
     heap = []
     spent = 0.0
     assignments = 0
 
-    def start(worker, now):
-        nonlocal spent, assignments
-        began = time.perf_counter()
-        # as the main loop: patient only while some worker holds a task
-        task = scheduler.assign(worker, patient=patient and bool(heap))
-        spent += time.perf_counter() - began
-        assignments += 1
-        if task is None:
-            if len(scheduler):
-                waiting.append(worker)
-            return
+    def start(worker, task, now):
         used.add(worker)
+        idle.remove(worker)
         load = 0.0
         previous = held[worker]
         for level in range(depth):
@@ -106,30 +98,31 @@ def simulate(shape, workers, durations, rng, ragged=False, patient=True, limit=T
         took[worker] = (length[task] + load, load)
         heapq.heappush(heap, (now + length[task] + load, worker))
 
-    for worker in range(workers):
-        start(worker, 0.0)
     makespan = 0.0
-    while heap:
-        # Results that end together are read in one pass of the main loop:
-        # all are released, then the freed workers ask, the one with the most
-        # of its branch left first (again after each ask), then those told to
-        # wait before (the real loop asks them again after every event).
+    while True:
+        # The asking of one pass of the main loop, through the scheduler's
+        # hand_out as the loop does: the freed workers and those told to wait.
+        began = time.perf_counter()
+        asks = list(scheduler.hand_out(list(idle), holding=bool(heap)))
+        spent += time.perf_counter() - began
+        assignments += len(asks)
+        for worker, task in asks:
+            if task is not None:
+                start(worker, task, clock[0])
+        if not heap:
+            if not len(scheduler):
+                break
+            clock[0] += threadward.WAIT_RECHECK   # the loop's next pass
+            continue
+        # Results that end together are read in one pass of the main loop.
         now = heap[0][0]
         makespan = clock[0] = now
-        freed = []
         while heap and heap[0][0] == now:
             _, worker = heapq.heappop(heap)
             began = time.perf_counter()
             scheduler.release(worker, seconds=took[worker][0], load=took[worker][1])
             spent += time.perf_counter() - began
-            freed.append(worker)
-        again, waiting[:] = waiting[:], []
-        while freed:   # as Threadward._asking_order
-            worker = max(freed, key=scheduler.kept)
-            freed.remove(worker)
-            start(worker, now)
-        for worker in again:
-            start(worker, now)
+            idle.append(worker)
     assert not len(scheduler), "every worker waits with tasks left"
 
     distinct = [len({task[:level + 1] for task in tasks}) for level in range(depth)]

@@ -384,23 +384,25 @@ def task_method(variables, task_folder, log_file):
     assert "carried on" in project.log("3")
 
 
-def test_one_eta_counts_down_between_results(project, monkeypatch):
+def test_one_eta_counts_down_between_results(tmp_path, monkeypatch):
     """The progress line, `show` and status.json read one estimate, made at
     the last result: two seconds later it is two seconds less (before, each
     view divided the growing elapsed time by the same count and went up)."""
     import threadward
-    clock = [1000.0]
+    clock = [990.0]
     monkeypatch.setattr(threadward.time, "monotonic", lambda: clock[0])
-    import io
-    out = io.StringIO()
-    run = threadward.Threadward(project.dir, out=out)
-    run._started, run.total, run.succeeded = 990.0, 10, 5
-    run._estimate_finish()          # 10 s for 5 tasks: 10 s left
-    assert run._eta() == 10.0
+    ledger = threadward._Ledger(str(tmp_path))
+    ledger.total = 10
+    ledger.open(fresh=True)
+    clock[0] = 1000.0
+    for task_id in "abcde":          # 10 s for 5 tasks: 10 s left
+        ledger.record(task_id, True, "", 2.0)
+    assert ledger.eta() == 10.0
     clock[0] += 2
-    assert run._eta() == 8.0
-    run._report_progress()          # the progress line (5 of 10: a tenth passed)
-    assert "ETA 0:00:08" in out.getvalue()
+    assert ledger.eta() == 8.0
+    assert "ETA 0:00:08" in ledger.progress()      # 5 of 10: a tenth passed
+    assert "ETA 0:00:08" in ledger.overview()[0]   # `show` reads the same one
+    ledger.close()
 
 
 def test_the_template_comment_names_a_folder_the_demo_makes(tmp_path):

@@ -1,6 +1,5 @@
 """The main loop's timing and input handling (regressions found in review)."""
 
-import collections
 import itertools
 import selectors
 import subprocess
@@ -13,9 +12,9 @@ def test_loop_sleeps_when_no_task_has_finished_for_a_long_time(project):
     """Once PROGRESS_INTERVAL passed with no finished task, the loop used to
     compute a timeout of 0 and spin a core until a task finished."""
     runner = threadward.Threadward(project.dir)
-    runner._started = time.monotonic() - 10 * threadward.PROGRESS_INTERVAL
     runner._next_sample = time.monotonic() + threadward.STATUS_INTERVAL
     runner._monitor = threadward._Monitor(selectors.DefaultSelector(), {})
+    runner._places = threadward._Places([], 0)
     assert runner._next_timeout() > threadward.STATUS_INTERVAL / 2
 
 
@@ -76,51 +75,24 @@ def setup_variable_set(variable_set):
     assert len(project.successful()) < 20
 
 
-class IdleWorker:
-    """What _assign_tasks reads of a worker, idle (no process)."""
-
-    def __init__(self, worker_id):
-        self.worker_id = worker_id
-        self.state = threadward.Worker.IDLE
-        self.waiting = None
-        self.retiring = False
-        self.queue = collections.deque()
-
-
-def loop_with(project, scheduler, worker_ids):
-    """A Threadward whose _assign_tasks runs over idle stand-in workers: each
-    ask goes to ``scheduler``; returns (runner, asks: [(id, patient, task)])."""
-    runner = threadward.Threadward(project.dir)
-    runner.scheduler = scheduler
-    runner._workers = {key: IdleWorker(key) for key in worker_ids}
-    asks = []
-
-    def send_task(worker, patient=True):
-        task = scheduler.assign(worker.worker_id, patient=patient)
-        asks.append((worker.worker_id, patient, task))
-        if task is None:
-            return False
-        worker.queue.append(task)
-        worker.state = threadward.Worker.BUSY
-        return True
-
-    runner._send_task = send_task
-    runner._queues_ahead = lambda worker: False
-    runner._take_back_queued = lambda: False
-    runner._shut_down = lambda worker: asks.append((worker.worker_id, None, "shut down"))
-    return runner, asks
+def asks_of(scheduler, free, holding=False):
+    """One pass of the main loop's asking: [(key, task)] in the order asked."""
+    return list(scheduler.hand_out(free, holding))
 
 
 def test_a_worker_given_a_task_in_a_pass_makes_the_others_patient(project):
     """holding was computed once per pass: when the last worker holding a task
     had answered, every worker in the pass asked impatiently, and all of them
     joined busy branches whatever the join limit."""
-    scheduler = threadward._Scheduler(2)
+    scheduler = threadward._Scheduler(2, clock=lambda: 0.0)
     for task in itertools.product(range(2), range(7)):
         scheduler.add(task)
-    runner, asks = loop_with(project, scheduler, [0, 1, 2])
-    runner._assign_tasks()
-    assert [(key, patient) for key, patient, _ in asks] == [(0, False), (1, True), (2, True)]
+    patience = []
+    ask = scheduler.assign
+    scheduler.assign = lambda key, ahead=False, patient=True: (
+        patience.append((key, patient)) or ask(key, ahead, patient))
+    asks_of(scheduler, [0, 1, 2])
+    assert patience == [(0, False), (1, True), (2, True)]
 
 
 def test_of_workers_free_at_once_the_one_whose_branch_has_tasks_asks_first(project):
@@ -136,10 +108,9 @@ def test_of_workers_free_at_once_the_one_whose_branch_has_tasks_asks_first(proje
     scheduler.release("owner", seconds=1.0)
     scheduler.release("done", seconds=1.0)
     assert scheduler.kept("owner") == 1 and scheduler.kept("done") == 0
-    runner, asks = loop_with(project, scheduler, ["done", "owner"])
-    runner._assign_tasks()
-    assert asks[0] == ("owner", False, (0, 1))
-    assert asks[1][:2] == ("done", True)
+    asks = asks_of(scheduler, ["done", "owner"])
+    assert asks[0] == ("owner", (0, 1))
+    assert asks[1][0] == "done"
 
 
 def test_of_workers_free_at_once_the_order_is_decided_again_after_each_ask(project):
@@ -154,7 +125,5 @@ def test_of_workers_free_at_once_the_order_is_decided_again_after_each_ask(proje
     assert [scheduler.assign(key) for key in "abc"] == [(0, 1), (1, 1), (0, 3)]
     for key in "abc":
         scheduler.release(key, seconds=1.0)
-    runner, asks = loop_with(project, scheduler, ["a", "c", "b"])
-    runner._assign_tasks()
-    assert [(key, task) for key, _, task in asks] == [
-        ("a", (0, 2)), ("b", (1, 2)), ("c", None), ("c", "shut down")]
+    asks = asks_of(scheduler, ["a", "c", "b"])
+    assert asks == [("a", (0, 2)), ("b", (1, 2)), ("c", None)]

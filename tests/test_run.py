@@ -703,10 +703,13 @@ def test_fresh_workers_start_on_different_top_level_values(project):
     for pid, model, _ in events:
         first.setdefault(pid, model)
     assert sorted(first.values()) == ["alpha", "beta"], events
-    # and no worker goes back to a model it has left
-    for pid in first:
-        models = [model for p, model, _ in events if p == pid]
-        assert len(run_lengths(models)) == len(set(models)), events
+    # and the models are loaded within the bound, P + W - 1 = 3 (a worker
+    # whose branch runs out may join the other's through a task queued
+    # ahead, and be handed back and forth once as queued tasks are taken
+    # back: which happens depends on the timing of the first tasks)
+    loads = sum(len(run_lengths([model for p, model, _ in events if p == pid]))
+                for pid in first)
+    assert loads <= 3, events
 
 
 WAIT_TASK = """

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from threadward import _Scheduler
+import threadward
+from threadward import _JoinPolicy, _Scheduler
 
 
 def grid(*shape):
@@ -295,7 +296,7 @@ def test_every_task_handed_out_exactly_once(task_set, workers, data):
                 # every task takes 1 s, loads nothing, on a clock that stands
                 # still (nothing looks stuck): the join limit is the only
                 # reason to wait
-                assert not all(scheduler._may_join(level) for level in range(depth - 1))
+                assert not all(scheduler.policy.may_join(level) for level in range(depth - 1))
                 waiting.add(key)
             return
         assert task in remaining
@@ -426,29 +427,26 @@ def test_a_worker_joins_a_busy_branch_when_its_load_pays_off():
     assert scheduler.assign("a") == (1, 199)
 
 
-def simulate_with_loads(tasks, workers, load, weigh=True, duration=lambda task: 1.0):
+def simulate_with_loads(tasks, workers, load, weigh=True, duration=lambda task: 1.0,
+                        policy=None):
     """Tasks of ``duration`` (1 s); a task whose top-level value differs from
     its worker's previous one costs ``load`` more (``load`` may be a pair:
     the second is the cost when only the second-level value differs).  The
     scheduler is told each task's seconds.  ``weigh``: it weighs whether a
     load pays (else a worker joins a busy branch whenever the join limit
-    lets it: joining at once).  Workers told to wait ask again after every
-    event, as in the main loop.  Returns ({worker: [task, ...]}, makespan)."""
+    lets it: joining at once).  Workers ask through hand_out, as in the main
+    loop: those freed by the events at one time, and those told to wait.
+    Returns ({worker: [task, ...]}, makespan)."""
     clock = Clock()
-    scheduler = _Scheduler(len(tasks[0]), clock=clock)
-    if not weigh:
-        scheduler._worth_joining = lambda node, level, running: True
+    scheduler = _Scheduler(len(tasks[0]), clock=clock,
+                           policy=policy or _JoinPolicy(weigh=weigh))
     for task in tasks:
         scheduler.add(task)
     history = dict((w, []) for w in range(workers))
-    events, waiting, took = [], [], {}
+    events, idle, took = [], set(range(workers)), {}
 
-    def start(worker):
-        task = scheduler.assign(worker)
-        if task is None:
-            if len(scheduler):
-                waiting.append(worker)
-            return
+    def start(worker, task):
+        idle.discard(worker)
         held = history[worker]
         top, second = load if isinstance(load, tuple) else (load, 0.0)
         cost = top if not held or held[-1][0] != task[0] else \
@@ -457,17 +455,24 @@ def simulate_with_loads(tasks, workers, load, weigh=True, duration=lambda task: 
         took[worker] = (duration(task) + cost, cost)
         heapq.heappush(events, (clock.now + duration(task) + cost, worker))
 
-    for worker in range(workers):
-        start(worker)
-    while events:
+    while True:
+        for worker, task in list(scheduler.hand_out(sorted(idle), holding=bool(events))):
+            if task is not None:
+                start(worker, task)
+        if not events:
+            if not len(scheduler):
+                break
+            clock.now += threadward.WAIT_RECHECK   # the main loop's next pass
+            continue
         clock.now, worker = heapq.heappop(events)
-        seconds, cost = took[worker]
-        scheduler.release(worker, seconds=seconds, load=cost)
-        start(worker)
-        for again in list(waiting):
-            waiting.remove(again)
-            start(again)
-    assert len(scheduler) == 0 and not waiting
+        finished = [worker]
+        while events and events[0][0] == clock.now:
+            finished.append(heapq.heappop(events)[1])
+        for worker in finished:
+            seconds, cost = took[worker]
+            scheduler.release(worker, seconds=seconds, load=cost)
+            idle.add(worker)
+    assert len(scheduler) == 0
     return history, clock.now
 
 
@@ -519,23 +524,18 @@ def load_costs(shape):
     return (10.0, 2.0) if len(shape) > 2 else 10.0
 
 
-def without_join_limit(monkeypatch):
-    monkeypatch.setattr(_Scheduler, "_may_join", lambda self, level: True)
-
-
 @pytest.mark.parametrize("shape, workers", OVER_THE_BOUND_WHEN_JOINING_FREELY[:5])
-def test_the_join_limit_is_what_keeps_those_sweeps_within_the_bound(shape, workers,
-                                                                    monkeypatch):
+def test_the_join_limit_is_what_keeps_those_sweeps_within_the_bound(shape, workers):
     tasks = grid(*shape)
     _, limited = simulate_with_loads(tasks, workers, load_costs(shape))
-    without_join_limit(monkeypatch)
-    history, free = simulate_with_loads(tasks, workers, load_costs(shape))
+    history, free = simulate_with_loads(tasks, workers, load_costs(shape),
+                                        policy=_JoinPolicy(limit=False))
     assert loads(history) > shape[0] + workers - 1
     # what the bound costs there: a few percent of the sweep at most
     assert limited <= free * 1.08, (limited, free)
 
 
-def test_varying_task_times_allow_more_joins(monkeypatch):
+def test_varying_task_times_allow_more_joins():
     # lognormal task times: a branch's last tasks can run long, and joining
     # it is how the sweep catches up; the allowance grows with the spread
     runs = []
@@ -544,16 +544,14 @@ def test_varying_task_times_allow_more_joins(monkeypatch):
         tasks = grid(6, 100)
         runs.append((tasks, {task: rng.lognormvariate(0.0, 1.0) for task in tasks}))
 
-    def sweep():
-        results = [simulate_with_loads(tasks, 9, 10.0, duration=seconds.get)
+    def sweep(**rules):
+        results = [simulate_with_loads(tasks, 9, 10.0, duration=seconds.get,
+                                       policy=_JoinPolicy(**rules))
                    for tasks, seconds in runs]
         return max(loads(history) for history, _ in results), sum(m for _, m in results)
 
     most_loads, makespans = sweep()
-    monkeypatch.setattr(_Scheduler, "_may_join",
-                        lambda self, level: self._joins[level] < len(self._workers) - 1)
-    monkeypatch.setattr(_Scheduler, "_rescue", lambda self, node, level: set())
-    strict_most_loads, strict_makespans = sweep()
+    strict_most_loads, strict_makespans = sweep(spread=False, rescue=False)
     assert strict_most_loads <= 6 + 9 - 1 < most_loads
     assert makespans < strict_makespans * 0.98, (makespans, strict_makespans)
 
@@ -673,7 +671,7 @@ def test_past_the_join_limit_a_worker_joins_only_a_branch_whose_task_is_stuck():
     assert [scheduler.assign(key) for key in "ab"] == [(0, 1), (1, 1)]
     clock.now = 2.0
     scheduler.release("a", seconds=1.0)
-    scheduler._joins[0] = 5                 # the limit spent (as by earlier joins)
+    scheduler.policy.joins[0] = 5                 # the limit spent (as by earlier joins)
     assert scheduler.assign("a") is None    # b's branch is busy, its task not late
     clock.now = 2.9                         # b's 1 s task has run 1.9 s
     assert scheduler.assign("a") is None
@@ -685,9 +683,9 @@ def test_a_join_whose_task_comes_back_unstarted_is_not_counted():
     scheduler = scheduler_for(grid(2, 10))
     assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
     assert scheduler.assign("c") == (0, 9)          # a join
-    assert scheduler._joins[0] == 1
+    assert scheduler.policy.joins[0] == 1
     scheduler.put_back("c", (0, 9))                  # never started: nothing loaded
-    assert scheduler._joins[0] == 0
+    assert scheduler.policy.joins[0] == 0
 
 
 def test_entering_a_branch_another_worker_left_unfinished_counts_as_a_join():
@@ -696,7 +694,7 @@ def test_entering_a_branch_another_worker_left_unfinished_counts_as_a_join():
     assert [scheduler.assign(key) for key in "ab"] == [(0, 0), (1, 0)]
     scheduler.forget("a")
     assert scheduler.assign("c") == (0, 1)
-    assert scheduler._joins[0] == 1
+    assert scheduler.policy.joins[0] == 1
 
 
 def test_kept_is_how_much_of_its_prefix_a_worker_finds_left():
@@ -726,9 +724,9 @@ def test_a_task_that_loads_is_not_stuck_before_ten_times_the_longest_load():
     assert scheduler.assign("a") == (0, 1, 0)   # given at t = 14
     model = scheduler.root.children[0]
     clock.now = 37.0
-    assert scheduler._rescue(model, 1) == set()
+    assert scheduler.policy.rescue(model, 1) == set()
     clock.now = 217.0                              # 203 s: over 2 x (10 x 10 + 1) s
-    assert scheduler._rescue(model, 1) == {1}
+    assert scheduler.policy.rescue(model, 1) == {1}
 
 
 def test_a_slow_load_does_not_draw_a_worker_past_the_limit_while_others_run():
@@ -745,7 +743,7 @@ def test_a_slow_load_does_not_draw_a_worker_past_the_limit_while_others_run():
     assert [scheduler.assign(key) for key in "ac"] == [(0, 1), (2, 1)]
     clock.now = 7.0
     scheduler.release("a", seconds=1.0)
-    scheduler._joins[0] = 5                     # the limit spent
+    scheduler.policy.joins[0] = 5                     # the limit spent
     clock.now = 20.0                             # b has loaded for 20 s, a's took 5
     scheduler.release("c", seconds=13.0)         # c's task ran long, as tasks do
     assert scheduler.assign("c") == (2, 2)       # and goes on as expected
@@ -770,7 +768,7 @@ def test_a_task_queued_ahead_is_timed_from_its_start():
     assert scheduler.assign("a", ahead=True) == (0, 1)
     clock.now = 5.0
     scheduler.release("a", seconds=5.0)
-    assert scheduler._busy["a"][0][2] == 5.0     # it started when (0, 0) ended
+    assert scheduler.held["a"][0].since == 5.0     # it started when (0, 0) ended
 
 
 def test_a_task_queued_into_an_untouched_branch_and_taken_back_leaves_it_untouched():
@@ -781,4 +779,4 @@ def test_a_task_queued_into_an_untouched_branch_and_taken_back_leaves_it_untouch
     scheduler.put_back("a", (1, 0))
     assert not scheduler.root.children[1].entered
     assert scheduler.assign("b") == (1, 0)
-    assert scheduler._joins[0] == 0              # b's entry is not a join
+    assert scheduler.policy.joins[0] == 0              # b's entry is not a join

@@ -207,8 +207,8 @@ def test_json_scalars_keep_their_type():
     assert all(same_typed(a, b) for a, b in zip(seen, values)), seen
     stored = [entry["v"]["value"] for entry in entries(variable_set)]
     assert all(same_typed(a, b) for a, b in zip(stored, values)), stored
-    protocol = [json.loads(variable_set.protocol_fragment(ix))[0][1]   # what a worker reads
-                for ix in variable_set.iter_indices()]
+    protocol = [json.loads(variable_set.texts(ix, threadward.TASK_VARIABLE)[0])[1]
+                for ix in variable_set.iter_indices()]   # what a worker reads
     assert all(same_typed(a, b) for a, b in zip(protocol, values)), protocol
 
 
