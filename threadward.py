@@ -3686,6 +3686,7 @@ class _WorkerProcess:
         self.worker_log_fd = _open_log(self.worker_log)
         self._point_output(self.worker_log_fd)
         self._lines = collections.deque()   # protocol lines read, not yet handled
+        self._cancel_read = False           # a CANCEL is among them
         self._lines_lock = threading.Lock()  # the watchdog thread takes CANCELs too
         self._buffer = _LineBuffer()
         self._poller = select.poll()
@@ -3842,9 +3843,12 @@ class _WorkerProcess:
 
     def _apply_cancels(self):
         """Every task line before the last CANCEL goes back ("cancelled")."""
+        if not self._cancel_read:
+            return   # the common case: no line to look at again
+        self._cancel_read = False
         lines = [line.strip() for line in self._lines]
         if CANCEL not in lines:
-            return
+            return   # taken with the lines it came in (a SIGTERM gave them back)
         last = len(lines) - 1 - lines[::-1].index(CANCEL)
         self._give_back(lines[:last])
         self._lines = collections.deque(lines[last + 1:])
@@ -3869,7 +3873,9 @@ class _WorkerProcess:
         finally:
             if block:
                 self._sigterm_raises = False
-        self._lines.extend(self._buffer.feed(data))
+        lines = self._buffer.feed(data)
+        self._cancel_read = self._cancel_read or any(line.strip() == CANCEL for line in lines)
+        self._lines.extend(lines)
         return bool(data)
 
     def _forget_in_child(self):

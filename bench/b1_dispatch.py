@@ -128,6 +128,8 @@ def main():
             ("pool", lambda: pool_wall(count)),
             ("pool files", pool_with_files),
             ("files", lambda: serial_files_wall(scratch.sub("serial-%d" % next(fresh)), count)),
+            ("tmpfs files", lambda: serial_files_wall(ram.sub("serial-%d" % next(fresh)), count)
+             if shm else float("nan")),
         ]
         best = {}
         for _ in range(repeats):
@@ -175,6 +177,8 @@ def main():
         else:
             notes.append("GNU parallel: not installed; skipped")
 
+    floor_ms = 1000.0 * best["files"] / count
+    tmpfs_floor_ms = 1000.0 * best["tmpfs files"] / count
     tw_time = count / tw_rate
     for r in rows:
         r.insert(6, r[5] / tw_time)
@@ -187,7 +191,13 @@ def main():
            tw_rate, marginal, common.verdict(tmpfs_rate >= TARGET_RATE), tmpfs_rate),
         "on disk the file work bounds everyone: the same folders and logs made by a process "
         "pool ran at %.0f/s in this run (threadward %.2f x that)"
-        % (pool_files_rate, tw_rate / pool_files_rate)]
+        % (pool_files_rate, tw_rate / pool_files_rate),
+        "per task per worker above the floor (the same folders and logs in a plain loop, "
+        "this run): %.3f ms marginal on disk (%.3f ms, less the floor's %.3f ms)%s"
+        % (1000.0 * WORKERS / marginal - floor_ms, 1000.0 * WORKERS / marginal, floor_ms,
+           "; on tmpfs %.3f ms end to end, less a floor of %.3f ms" % (
+               1000.0 * WORKERS / tmpfs_rate - tmpfs_floor_ms, tmpfs_floor_ms)
+           if shm else "")]
     common.table("B1 dispatch: %d no-op tasks on %d workers" % (count, WORKERS),
                  ["method", "tasks run", "wall s", "tasks/s", "ms/task/worker",
                   "s for N", "x threadward", "note"], rows, notes)
