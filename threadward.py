@@ -629,13 +629,30 @@ def _pool_pids():
 ###############################################################################
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
+# A variable's folder names and JSON texts (all_tasks.json, task lines) are
+# kept in lists when it has at most this many values: those of a small
+# variable recur in many tasks; a big one's recur in few (each of a million
+# values is in one task), and lists would hold about 150 bytes a value for
+# the whole run.  A big variable's are made when a task asks.
+CACHE_VALUES = 10000
+
+
+def _value_text(value):
+    """A value as JSON text.  An int's is its repr(), as json writes it, made
+    here without the encoder's set-up for a number: 1 us a call, most of the
+    cost of a task line for a variable of a million ints."""
+    return repr(value) if type(value) is int else _json_text(value)
 
 
 def _safe_component(name):
-    """One safe path component made from a nickname or a value, or None."""
-    name = "".join("_" if ch in "/\\" or ord(ch) < 32 or ord(ch) == 127
-                   or 0xD800 <= ord(ch) <= 0xDFFF else ch   # lone surrogates: not UTF-8
-                   for ch in name)
+    """One safe path component made from a nickname or a value, or None;
+    ``name`` itself when it is one already (a million values make no copies)."""
+    # isprintable() is False for control characters, DEL and lone surrogates
+    # (not UTF-8): the character loop runs only for the rare name that has one.
+    if not name.isprintable() or "/" in name or "\\" in name:
+        name = "".join("_" if ch in "/\\" or ord(ch) < 32 or ord(ch) == 127
+                       or 0xD800 <= ord(ch) <= 0xDFFF else ch
+                       for ch in name)
     if name.startswith("-"):
         name = "_" + name[1:]
     if name.strip(".") == "" or len(name.encode("utf-8", "replace")) > 200:
@@ -644,16 +661,40 @@ def _safe_component(name):
 
 
 class _Variable:
-    __slots__ = ("name", "values", "nicknames", "folders", "interaction", "rules", "texts")
+    __slots__ = ("name", "values", "nicknames", "renamed", "folders", "interaction", "rules",
+                 "texts")
 
-    def __init__(self, name, values, nicknames, folders, interaction):
+    def __init__(self, name, values, nicknames, interaction):
         self.name = name
         self.values = values        # JSON scalars, as the task receives them
-        self.nicknames = nicknames  # strings
-        self.folders = folders      # safe path components
+        # Strings, or None for str(value), made when asked: the str() of a
+        # million ints would be 55 MB held for the whole run.
+        self.nicknames = nicknames
+        self.renamed = {}           # {index: folder} where the folder is not the nickname
+        self.folders = None         # every folder name, up to CACHE_VALUES values
         self.interaction = interaction
         self.rules = []             # exceptions: [(depth, value index, allowed indices)]
         self.texts = {}             # JSON text per value, built lazily: see _texts
+
+    def nickname(self, index):
+        if self.nicknames is None:
+            return str(self.values[index])
+        return self.nicknames[index]
+
+    def folder(self, index):
+        """The value's folder name: a safe path component (see add_variable)."""
+        if self.folders is not None:
+            return self.folders[index]
+        return self.renamed.get(index) or self.nickname(index)
+
+    def all_folders(self):
+        return map(self.folder, range(len(self.values)))
+
+    def pairs(self):
+        """(value, nickname) of each value, in order."""
+        if self.nicknames is None:
+            return zip(self.values, map(str, self.values))
+        return zip(self.values, self.nicknames)
 
 
 class VariableSet:
@@ -687,36 +728,54 @@ class VariableSet:
         values = [v if isinstance(v, _JSON_SCALARS) else str(v) for v in values]
         if not values:
             raise ConfigError("%s has no values; give at least one" % where)
-        if nicknames is None:
-            nicknames = [str(v) for v in values]
-        else:
+        if nicknames is not None:
             nicknames = [str(n) for n in nicknames]
             if len(nicknames) != len(values):
                 raise ConfigError("%s has %d values but %d nicknames; give one nickname per "
                                   "value" % (where, len(values), len(nicknames)))
-        folders = []
-        for value, nickname in zip(values, nicknames):
-            folder = _safe_component(nickname)
-            if folder is None:
-                raise ConfigError("%s: value %r makes no usable folder name from %r; give it "
-                                  "a nickname of letters and digits" % (where, value, nickname))
-            folders.append(folder)
-        seen = {}
-        for value, folder in zip(values, folders):
-            if folder in seen:
-                raise ConfigError("%s: values %r and %r would share the folder %r; give them "
-                                  "distinct nicknames" % (where, seen[folder], value, folder))
-            seen[folder] = value
+        variable = _Variable(name, values, nicknames, interaction)
+        variable.renamed = self._folder_renames(variable)
+        if len(values) <= CACHE_VALUES:
+            variable.folders = list(variable.all_folders())
         if interaction not in ("cartesian", "zip"):
             raise ConfigError("%s: interaction=%r; use \"cartesian\" or \"zip\""
                               % (where, interaction))
-        variable = _Variable(name, values, nicknames, folders, interaction)
         if interaction == "zip":
             self._check_zip(variable)
         if exceptions:
             variable.rules = self._exception_rules(variable, exceptions)
         self.variables.append(variable)
         return self
+
+    @staticmethod
+    def _folder_renames(variable):
+        """{index: folder} of the values whose folder is not their nickname
+        as it is; a ConfigError for a nickname that makes no folder, or for
+        two values that would share one."""
+        where = "variable %r" % variable.name
+        values = variable.values
+        # Ints named by their value (range(1_000_000)) need no million folder
+        # strings: str() is one-to-one on ints and only a "-" changes ("_5").
+        # Sorted, equal ones are neighbours (a set of a million would be 34 MB).
+        if variable.nicknames is None and all(type(v) is int for v in values) and \
+                -10 ** 199 < min(values) and max(values) < 10 ** 200:
+            ordered = sorted(values)
+            if all(a < b for a, b in zip(ordered, ordered[1:])):
+                return {i: "_" + str(-v) for i, v in enumerate(values) if v < 0}
+        renamed, seen = {}, set()
+        for index, (value, nickname) in enumerate(variable.pairs()):
+            folder = _safe_component(nickname)
+            if folder is None:
+                raise ConfigError("%s: value %r makes no usable folder name from %r; give it "
+                                  "a nickname of letters and digits" % (where, value, nickname))
+            if folder in seen:
+                first = next(v for v, n in variable.pairs() if _safe_component(n) == folder)
+                raise ConfigError("%s: values %r and %r would share the folder %r; give them "
+                                  "distinct nicknames" % (where, first, value, folder))
+            seen.add(folder)
+            if folder != nickname:
+                renamed[index] = folder
+        return renamed
 
     def _check_zip(self, variable):
         if not self.variables:
@@ -740,7 +799,7 @@ class VariableSet:
         for key, listed in exceptions.items():
             matches = [(depth, index)
                        for depth, above in enumerate(self.variables)
-                       for index, (value, nickname) in enumerate(zip(above.values, above.nicknames))
+                       for index, (value, nickname) in enumerate(above.pairs())
                        if str(key) in (str(value), nickname)]
             if not matches:
                 raise ConfigError("%s: exceptions key %r is not a value or nickname of any "
@@ -749,7 +808,7 @@ class VariableSet:
                 listed = [listed]
             allowed = set()
             for item in listed:
-                pairs = enumerate(zip(variable.values, variable.nicknames))
+                pairs = enumerate(variable.pairs())
                 found = [i for i, (value, nickname) in pairs
                          if str(item) in (str(value), nickname)]
                 if not found:
@@ -785,7 +844,8 @@ class VariableSet:
                 yield from self._expand(depth + 1, prefix + (index,))
 
     def folder_names(self, indices):
-        return [v.folders[i] for v, i in zip(self.variables, indices)]
+        return [v.folders[i] if v.folders is not None else v.folder(i)   # the list: quicker
+                for v, i in zip(self.variables, indices)]
 
     def variables_of(self, indices):
         """{name: value} for a task, as the main-process hooks see it."""
@@ -802,15 +862,20 @@ class VariableSet:
 
     def _texts(self, indices, template):
         """``template`` % (name, value, nickname) as JSON, per variable of a
-        task; each variable's list is made once, on first use."""
+        task; a variable's list is made once, on first use, unless it has
+        more than CACHE_VALUES values (then each text is made when asked)."""
         texts = []
         for variable, index in zip(self.variables, indices):
             per_value = variable.texts.get(template)
             if per_value is None:
-                name = json.dumps(variable.name)
+                name = _json_text(variable.name)
+                if len(variable.values) > CACHE_VALUES:
+                    texts.append(template % (name, _value_text(variable.values[index]),
+                                             _json_text(variable.nickname(index))))
+                    continue
                 per_value = variable.texts[template] = [
-                    template % (name, json.dumps(value), json.dumps(nickname))
-                    for value, nickname in zip(variable.values, variable.nicknames)]
+                    template % (name, _value_text(value), _json_text(nickname))
+                    for value, nickname in variable.pairs()]
             texts.append(per_value[index])
         return texts
 
@@ -1200,7 +1265,7 @@ def _case_insensitive(directory):
 def _check_case_collisions(variable_set, path):
     for variable in variable_set.variables:
         seen = {}
-        for folder in variable.folders:
+        for folder in variable.all_folders():
             other = seen.setdefault(folder.lower(), folder)
             if other != folder:
                 raise ConfigError(
@@ -2313,8 +2378,9 @@ class Threadward:
         variable_set = project.variable_set
         location = project.folder_location
         output_root = os.path.relpath(project.output_dir, project.directory)
-        check_ids = location == "VARIABLE_UNDERSCORE" and any(
-            "_" in folder for v in variable_set.variables for folder in v.folders)
+        # One variable's IDs are its folders, distinct already (add_variable).
+        check_ids = location == "VARIABLE_UNDERSCORE" and len(variable_set.variables) > 1 \
+            and any("_" in folder for v in variable_set.variables for folder in v.all_folders())
         seen_ids = set()
         with open(temporary, "w", buffering=1 << 20) as stream:
             stream.write("[")
