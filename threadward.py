@@ -4,7 +4,7 @@ persistent subprocess workers that keep what they have loaded.
 
 Usage::
 
-    threadward init [DIR]      # write DIR/threadward/ from templates/
+    threadward init [DIR]      # write DIR/threadward/ from templates/ (or short ones)
     threadward run [DIR]       # expand the variables, start workers, run
     threadward status [DIR]    # what a running sweep is doing (from its status file)
 
@@ -63,8 +63,9 @@ Everything a task prints, at the Python or the file-descriptor level and from
 child processes, goes to the task's log; nothing it prints or reads can reach
 the protocol channel.  Selecting on pipes and stdin is POSIX-only.
 
-Vendoring: copy this file (and ``templates/`` if you want ``init``) next to
-your code; it needs only ``psutil`` and, for GPUs, ``GPUtil``.
+Vendoring: copy this file next to your code (with ``templates/`` beside it,
+``init`` writes the full, commented templates; without, short versions built
+in); it needs only ``psutil`` and, for GPUs, ``GPUtil``.
 """
 
 __version__ = "0.1.0"
@@ -3915,10 +3916,45 @@ def _worker_main(argv):
 # Project scaffolding (init) ##################################################
 ###############################################################################
 
+# What `init` writes where no templates/ is found (threadward.py copied
+# alone): a small sweep that runs as it is, each file pointing to its full,
+# commented template.  tests/test_vendoring.py checks that these set only
+# settings the full templates set, so the two cannot drift apart unseen.
+_COMPACT_POINTER = "# Short version. Full, commented: templates/%s in the threadward repository\n"
+_COMPACT_TEMPLATES = {
+    "task_specification.py": """\
+import json
+import os
+
+SUCCESS_CONDITION = "NO_ERROR_ONLY"
+
+
+def task_method(variables, task_folder, log_file):
+    print("running", variables)
+    with open(os.path.join(task_folder, "result.json"), "w") as stream:
+        json.dump(variables, stream)
+""",
+    "resource_constraints.py": """\
+NUM_WORKERS = 2
+NUM_GPUS_PER_WORKER = 0
+""",
+    "variable_iteration.py": """\
+FAILURE_HANDLING = "PRINT_FAILURE_AND_CONTINUE"
+TASK_FOLDER_LOCATION = "VARIABLE_SUBFOLDER"
+
+
+def setup_variable_set(variable_set):
+    # Highest level first: a worker keeps its model while its seeds run.
+    variable_set.add_variable(name="model", values=["small", "large"])
+    variable_set.add_variable(name="seed", values=[0, 1, 2])
+""",
+}
+
+
 def _template_dir():
     """templates/ beside this file (checkout, vendored copy, editable install:
     a link to it is followed), or where setup.py installs it
-    (sys.prefix/share/threadward/templates)."""
+    (sys.prefix/share/threadward/templates); None if there is none."""
     candidates = [os.path.join(os.path.dirname(os.path.realpath(__file__)), "templates"),
                   os.path.join(sys.prefix, "share", "threadward", "templates")]
     user_base = getattr(site, "USER_BASE", None)
@@ -3927,13 +3963,19 @@ def _template_dir():
     for candidate in candidates:
         if all(os.path.isfile(os.path.join(candidate, f)) for f in CONFIG_FILES):
             return candidate
-    raise ThreadwardError(
-        "the templates/ folder was not found (looked in %s); copy templates/ from the "
-        "threadward source next to threadward.py" % ", ".join(candidates))
+    return None
+
+
+def _template_text(templates, name):
+    if templates is None:
+        return _COMPACT_POINTER % name + _COMPACT_TEMPLATES[name]
+    with open(os.path.join(templates, name)) as source:
+        return source.read()
 
 
 def init_project(directory, out=None):
-    """Create DIR/threadward/ from the templates; never overwrite a file."""
+    """Create DIR/threadward/ from the templates (the compact ones built in
+    when there is no templates/); never overwrite a file."""
     out = out or sys.stdout
     project = _Project(directory)
     templates = _template_dir()
@@ -3944,8 +3986,7 @@ def init_project(directory, out=None):
         if os.path.exists(target):
             kept.append(target)
             continue
-        with open(os.path.join(templates, name)) as source:
-            text = source.read()
+        text = _template_text(templates, name)
         with open(target, "x") as stream:
             stream.write(text)
         created.append(target)
@@ -3958,6 +3999,9 @@ def init_project(directory, out=None):
             created.append(target)
     for path in created:
         out.write("created %s\n" % _display_path(path))
+    if templates is None and any(p.endswith(".py") for p in created):
+        out.write("no templates/ beside threadward.py: wrote short versions (the full, "
+                  "commented ones are templates/ in the threadward repository)\n")
     if kept:
         out.write("left alone (already there): %s\n" % ", ".join(
             _display_path(p) for p in kept))
