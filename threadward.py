@@ -4,7 +4,7 @@ persistent subprocess workers that keep what they have loaded.
 
 Usage::
 
-    threadward init [DIR]      # write DIR/threadward/ from templates/
+    threadward init [DIR]      # write DIR/threadward/ from templates/ (or short ones)
     threadward run [DIR]       # expand the variables, start workers, run
     threadward status [DIR]    # what a running sweep is doing (from its status file)
 
@@ -63,8 +63,9 @@ Everything a task prints, at the Python or the file-descriptor level and from
 child processes, goes to the task's log; nothing it prints or reads can reach
 the protocol channel.  Selecting on pipes and stdin is POSIX-only.
 
-Vendoring: copy this file (and ``templates/`` if you want ``init``) next to
-your code; it needs only ``psutil`` and, for GPUs, ``GPUtil``.
+Vendoring: copy this file next to your code (with ``templates/`` beside it,
+``init`` writes the full, commented templates; without, short versions built
+in); it needs only ``psutil`` and, for GPUs, ``GPUtil``.
 """
 
 __version__ = "0.1.0"
@@ -728,13 +729,30 @@ class _Result:
 ###############################################################################
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
+# A variable's folder names and JSON texts (all_tasks.json, task lines) are
+# kept in lists when it has at most this many values: those of a small
+# variable recur in many tasks; a big one's recur in few (each of a million
+# values is in one task), and lists would hold about 150 bytes a value for
+# the whole run.  A big variable's are made when a task asks.
+CACHE_VALUES = 10000
+
+
+def _value_text(value):
+    """A value as JSON text.  An int's is its repr(), as json writes it, made
+    here without the encoder's set-up for a number: 1 us a call, most of the
+    cost of a task line for a variable of a million ints."""
+    return repr(value) if type(value) is int else _json_text(value)
 
 
 def _safe_component(name):
-    """One safe path component made from a nickname or a value, or None."""
-    name = "".join("_" if ch in "/\\" or ord(ch) < 32 or ord(ch) == 127
-                   or 0xD800 <= ord(ch) <= 0xDFFF else ch   # lone surrogates: not UTF-8
-                   for ch in name)
+    """One safe path component made from a nickname or a value, or None;
+    ``name`` itself when it is one already (a million values make no copies)."""
+    # isprintable() is False for control characters, DEL and lone surrogates
+    # (not UTF-8): the character loop runs only for the rare name that has one.
+    if not name.isprintable() or "/" in name or "\\" in name:
+        name = "".join("_" if ch in "/\\" or ord(ch) < 32 or ord(ch) == 127
+                       or 0xD800 <= ord(ch) <= 0xDFFF else ch
+                       for ch in name)
     if name.startswith("-"):
         name = "_" + name[1:]
     if name.strip(".") == "" or len(name.encode("utf-8", "replace")) > 200:
@@ -743,16 +761,40 @@ def _safe_component(name):
 
 
 class _Variable:
-    __slots__ = ("name", "values", "nicknames", "folders", "interaction", "rules", "texts")
+    __slots__ = ("name", "values", "nicknames", "renamed", "folders", "interaction", "rules",
+                 "texts")
 
-    def __init__(self, name, values, nicknames, folders, interaction):
+    def __init__(self, name, values, nicknames, interaction):
         self.name = name
         self.values = values        # JSON scalars, as the task receives them
-        self.nicknames = nicknames  # strings
-        self.folders = folders      # safe path components
+        # Strings, or None for str(value), made when asked: the str() of a
+        # million ints would be 55 MB held for the whole run.
+        self.nicknames = nicknames
+        self.renamed = {}           # {index: folder} where the folder is not the nickname
+        self.folders = None         # every folder name, up to CACHE_VALUES values
         self.interaction = interaction
         self.rules = []             # exceptions: [(depth, value index, allowed indices)]
-        self.texts = {}             # JSON text per value, built lazily: see _texts
+        self.texts = {}             # JSON text per value, built lazily: see VariableSet.texts
+
+    def nickname(self, index):
+        if self.nicknames is None:
+            return str(self.values[index])
+        return self.nicknames[index]
+
+    def folder(self, index):
+        """The value's folder name: a safe path component (see add_variable)."""
+        if self.folders is not None:
+            return self.folders[index]
+        return self.renamed.get(index) or self.nickname(index)
+
+    def all_folders(self):
+        return map(self.folder, range(len(self.values)))
+
+    def pairs(self):
+        """(value, nickname) of each value, in order."""
+        if self.nicknames is None:
+            return zip(self.values, map(str, self.values))
+        return zip(self.values, self.nicknames)
 
 
 class VariableSet:
@@ -786,36 +828,54 @@ class VariableSet:
         values = [v if isinstance(v, _JSON_SCALARS) else str(v) for v in values]
         if not values:
             raise ConfigError("%s has no values; give at least one" % where)
-        if nicknames is None:
-            nicknames = [str(v) for v in values]
-        else:
+        if nicknames is not None:
             nicknames = [str(n) for n in nicknames]
             if len(nicknames) != len(values):
                 raise ConfigError("%s has %d values but %d nicknames; give one nickname per "
                                   "value" % (where, len(values), len(nicknames)))
-        folders = []
-        for value, nickname in zip(values, nicknames):
-            folder = _safe_component(nickname)
-            if folder is None:
-                raise ConfigError("%s: value %r makes no usable folder name from %r; give it "
-                                  "a nickname of letters and digits" % (where, value, nickname))
-            folders.append(folder)
-        seen = {}
-        for value, folder in zip(values, folders):
-            if folder in seen:
-                raise ConfigError("%s: values %r and %r would share the folder %r; give them "
-                                  "distinct nicknames" % (where, seen[folder], value, folder))
-            seen[folder] = value
+        variable = _Variable(name, values, nicknames, interaction)
+        variable.renamed = self._folder_renames(variable)
+        if len(values) <= CACHE_VALUES:
+            variable.folders = list(variable.all_folders())
         if interaction not in ("cartesian", "zip"):
             raise ConfigError("%s: interaction=%r; use \"cartesian\" or \"zip\""
                               % (where, interaction))
-        variable = _Variable(name, values, nicknames, folders, interaction)
         if interaction == "zip":
             self._check_zip(variable)
         if exceptions:
             variable.rules = self._exception_rules(variable, exceptions)
         self.variables.append(variable)
         return self
+
+    @staticmethod
+    def _folder_renames(variable):
+        """{index: folder} of the values whose folder is not their nickname
+        as it is; a ConfigError for a nickname that makes no folder, or for
+        two values that would share one."""
+        where = "variable %r" % variable.name
+        values = variable.values
+        # Ints named by their value (range(1_000_000)) need no million folder
+        # strings: str() is one-to-one on ints and only a "-" changes ("_5").
+        # Sorted, equal ones are neighbours (a set of a million would be 34 MB).
+        if variable.nicknames is None and all(type(v) is int for v in values) and \
+                -10 ** 199 < min(values) and max(values) < 10 ** 200:
+            ordered = sorted(values)
+            if all(a < b for a, b in zip(ordered, ordered[1:])):
+                return {i: "_" + str(-v) for i, v in enumerate(values) if v < 0}
+        renamed, seen = {}, set()
+        for index, (value, nickname) in enumerate(variable.pairs()):
+            folder = _safe_component(nickname)
+            if folder is None:
+                raise ConfigError("%s: value %r makes no usable folder name from %r; give it "
+                                  "a nickname of letters and digits" % (where, value, nickname))
+            if folder in seen:
+                first = next(v for v, n in variable.pairs() if _safe_component(n) == folder)
+                raise ConfigError("%s: values %r and %r would share the folder %r; give them "
+                                  "distinct nicknames" % (where, first, value, folder))
+            seen.add(folder)
+            if folder != nickname:
+                renamed[index] = folder
+        return renamed
 
     def _check_zip(self, variable):
         if not self.variables:
@@ -839,7 +899,7 @@ class VariableSet:
         for key, listed in exceptions.items():
             matches = [(depth, index)
                        for depth, above in enumerate(self.variables)
-                       for index, (value, nickname) in enumerate(zip(above.values, above.nicknames))
+                       for index, (value, nickname) in enumerate(above.pairs())
                        if str(key) in (str(value), nickname)]
             if not matches:
                 raise ConfigError("%s: exceptions key %r is not a value or nickname of any "
@@ -848,7 +908,7 @@ class VariableSet:
                 listed = [listed]
             allowed = set()
             for item in listed:
-                pairs = enumerate(zip(variable.values, variable.nicknames))
+                pairs = enumerate(variable.pairs())
                 found = [i for i, (value, nickname) in pairs
                          if str(item) in (str(value), nickname)]
                 if not found:
@@ -884,7 +944,8 @@ class VariableSet:
                 yield from self._expand(depth + 1, prefix + (index,))
 
     def folder_names(self, indices):
-        return [v.folders[i] for v, i in zip(self.variables, indices)]
+        return [v.folders[i] if v.folders is not None else v.folder(i)   # the list: quicker
+                for v, i in zip(self.variables, indices)]
 
     def variables_of(self, indices):
         """{name: value} for a task, as the main-process hooks see it."""
@@ -896,15 +957,20 @@ class VariableSet:
 
     def texts(self, indices, template):
         """``template`` % (name, value, nickname) as JSON, per variable of a
-        task; each variable's list is made once, on first use."""
+        task; a variable's list is made once, on first use, unless it has
+        more than CACHE_VALUES values (then each text is made when asked)."""
         texts = []
         for variable, index in zip(self.variables, indices):
             per_value = variable.texts.get(template)
             if per_value is None:
-                name = json.dumps(variable.name)
+                name = _json_text(variable.name)
+                if len(variable.values) > CACHE_VALUES:
+                    texts.append(template % (name, _value_text(variable.values[index]),
+                                             _json_text(variable.nickname(index))))
+                    continue
                 per_value = variable.texts[template] = [
-                    template % (name, json.dumps(value), json.dumps(nickname))
-                    for value, nickname in zip(variable.values, variable.nicknames)]
+                    template % (name, _value_text(value), _json_text(nickname))
+                    for value, nickname in variable.pairs()]
             texts.append(per_value[index])
         return texts
 
@@ -969,8 +1035,9 @@ def _stream_tasks(project, stream, succeeded, scheduler):
     location = project.folder_location
     where = _display_path(project.path("variable_iteration.py"))
     output_root = os.path.relpath(project.output_dir, project.directory)
-    check_ids = location == "VARIABLE_UNDERSCORE" and any(
-        "_" in folder for v in variable_set.variables for folder in v.folders)
+    # One variable's IDs are its folders, distinct already (add_variable).
+    check_ids = location == "VARIABLE_UNDERSCORE" and len(variable_set.variables) > 1 \
+        and any("_" in folder for v in variable_set.variables for folder in v.all_folders())
     seen_ids, skipped = set(), 0
     stream.write("[")
     separator = "\n"
@@ -989,7 +1056,7 @@ def _stream_tasks(project, stream, succeeded, scheduler):
                 "shorter nicknames or TASK_FOLDER_LOCATION = \"VARIABLE_SUBFOLDER\""
                 % task_id, where)
         stream.write('%s{"task_id": %s, "task_folder": %s, "variables": %s}' % (
-            separator, json.dumps(task_id), json.dumps(output_root + "/" + task_id),
+            separator, _json_text(task_id), _json_text(output_root + "/" + task_id),
             variable_set.json_fragment(indices)))
         separator = ",\n"
         if task_id in succeeded:
@@ -1474,7 +1541,7 @@ def _case_insensitive(directory):
 def _check_case_collisions(variable_set, path):
     for variable in variable_set.variables:
         seen = {}
-        for folder in variable.folders:
+        for folder in variable.all_folders():
             other = seen.setdefault(folder.lower(), folder)
             if other != folder:
                 raise ConfigError(
@@ -4261,10 +4328,45 @@ def _worker_main(argv):
 # Project scaffolding (init) ##################################################
 ###############################################################################
 
+# What `init` writes where no templates/ is found (threadward.py copied
+# alone): a small sweep that runs as it is, each file pointing to its full,
+# commented template.  tests/test_vendoring.py checks that these set only
+# settings the full templates set, so the two cannot drift apart unseen.
+_COMPACT_POINTER = "# Short version. Full, commented: templates/%s in the threadward repository\n"
+_COMPACT_TEMPLATES = {
+    "task_specification.py": """\
+import json
+import os
+
+SUCCESS_CONDITION = "NO_ERROR_ONLY"
+
+
+def task_method(variables, task_folder, log_file):
+    print("running", variables)
+    with open(os.path.join(task_folder, "result.json"), "w") as stream:
+        json.dump(variables, stream)
+""",
+    "resource_constraints.py": """\
+NUM_WORKERS = 2
+NUM_GPUS_PER_WORKER = 0
+""",
+    "variable_iteration.py": """\
+FAILURE_HANDLING = "PRINT_FAILURE_AND_CONTINUE"
+TASK_FOLDER_LOCATION = "VARIABLE_SUBFOLDER"
+
+
+def setup_variable_set(variable_set):
+    # Highest level first: a worker keeps its model while its seeds run.
+    variable_set.add_variable(name="model", values=["small", "large"])
+    variable_set.add_variable(name="seed", values=[0, 1, 2])
+""",
+}
+
+
 def _template_dir():
     """templates/ beside this file (checkout, vendored copy, editable install:
     a link to it is followed), or where setup.py installs it
-    (sys.prefix/share/threadward/templates)."""
+    (sys.prefix/share/threadward/templates); None if there is none."""
     candidates = [os.path.join(os.path.dirname(os.path.realpath(__file__)), "templates"),
                   os.path.join(sys.prefix, "share", "threadward", "templates")]
     user_base = getattr(site, "USER_BASE", None)
@@ -4273,13 +4375,19 @@ def _template_dir():
     for candidate in candidates:
         if all(os.path.isfile(os.path.join(candidate, f)) for f in CONFIG_FILES):
             return candidate
-    raise ThreadwardError(
-        "the templates/ folder was not found (looked in %s); copy templates/ from the "
-        "threadward source next to threadward.py" % ", ".join(candidates))
+    return None
+
+
+def _template_text(templates, name):
+    if templates is None:
+        return _COMPACT_POINTER % name + _COMPACT_TEMPLATES[name]
+    with open(os.path.join(templates, name)) as source:
+        return source.read()
 
 
 def init_project(directory, out=None):
-    """Create DIR/threadward/ from the templates; never overwrite a file."""
+    """Create DIR/threadward/ from the templates (the compact ones built in
+    when there is no templates/); never overwrite a file."""
     out = out or sys.stdout
     project = _Project(directory)
     templates = _template_dir()
@@ -4290,8 +4398,7 @@ def init_project(directory, out=None):
         if os.path.exists(target):
             kept.append(target)
             continue
-        with open(os.path.join(templates, name)) as source:
-            text = source.read()
+        text = _template_text(templates, name)
         with open(target, "x") as stream:
             stream.write(text)
         created.append(target)
@@ -4304,6 +4411,9 @@ def init_project(directory, out=None):
             created.append(target)
     for path in created:
         out.write("created %s\n" % _display_path(path))
+    if templates is None and any(p.endswith(".py") for p in created):
+        out.write("no templates/ beside threadward.py: wrote short versions (the full, "
+                  "commented ones are templates/ in the threadward repository)\n")
     if kept:
         out.write("left alone (already there): %s\n" % ", ".join(
             _display_path(p) for p in kept))

@@ -1,4 +1,5 @@
-"""B5 a million-task sweep: 10 x 100 x 1,000 no-op tasks on 2 workers.
+"""B5 a million-task sweep: 10 x 100 x 1,000 no-op tasks on 2 workers, and
+the same million as one variable of 1,000,000 values.
 
 Time to first task: the first task to run creates a marker file with
 O_CREAT | O_EXCL and writes time.time() into it; measured from just before
@@ -10,9 +11,12 @@ Per-task cost: the rate between two counts of successful_tasks.txt lines,
 polled every 20 ms.  The 10,000-task sweep (10 x 100 x 10) runs to the end
 and is measured between tasks 2,000 and 8,000; the big sweep is measured
 between tasks 5,000 and 15,000, then stopped with the console command `q`
-on stdin once 20,000 tasks are done.  (Quick: 5,000 and 100,000 tasks.)
+on stdin once 20,000 tasks are done.  So is the one-variable sweep: the
+same million tasks, but a million values for the main process to check,
+name and queue where the big sweep has 1,110.  (Quick: 5,000 and 100,000
+tasks.)
 
-Both sweeps run twice: on the scratch disk (TMPDIR), and on tmpfs
+Every sweep runs twice: on the scratch disk (TMPDIR), and on tmpfs
 (/dev/shm) where creating folders and logs costs no disk time, so the
 per-task comparison shows threadward's own scaling without disk noise.
 """
@@ -45,12 +49,19 @@ def task_method(variables, task_folder, log_file):
     os.write(fd, repr(time.time()).encode())
     os.close(fd)
 """
-VARIABLES = """
-def setup_variable_set(variable_set):
-    variable_set.add_variable(name="model", values=list(range(%d)))
-    variable_set.add_variable(name="dataset", values=list(range(%d)))
-    variable_set.add_variable(name="seed", values=list(range(%d)))
-"""
+VARIABLE = """
+    variable_set.add_variable(name=%r, values=list(range(%d)))"""
+
+
+def variables(shape):
+    """setup_variable_set of model x dataset x seed, or of one "prompt"."""
+    names = ("prompt",) if len(shape) == 1 else ("model", "dataset", "seed")
+    return "def setup_variable_set(variable_set):" + "".join(
+        VARIABLE % pair for pair in zip(names, shape)) + "\n"
+
+
+def sweep_name(shape):
+    return " x ".join(map(str, shape)) if len(shape) > 1 else "one of %d" % shape[0]
 
 
 def _psutil():
@@ -64,9 +75,11 @@ def _psutil():
 def measure(scratch, label, shape, window, stop_at=None, timeout=600):
     directory = scratch.sub(label)
     marker = os.path.join(directory, "first-task")
-    common.make_project(directory, TASK % marker, VARIABLES % shape,
+    common.make_project(directory, TASK % marker, variables(shape),
                         "NUM_WORKERS = %d\n" % WORKERS)
-    total = shape[0] * shape[1] * shape[2]
+    total = 1
+    for count in shape:
+        total *= count
     success_path = common.queue_file(directory)
     log_path = os.path.join(directory, "bench-run.log")
     psutil = _psutil()
@@ -124,8 +137,9 @@ def measure(scratch, label, shape, window, stop_at=None, timeout=600):
     c_high = next((c for t, c in samples if c >= high), None)
     rate = (c_high - c_low) / (t_high - t_low) if t_high and t_high > t_low else None
     size = os.path.getsize(common.queue_file(directory, "all_tasks.json"))
-    return {"label": label, "total": total, "done": done, "first": first,
-            "main_mb": main_hwm / 1024.0, "worker_mb": worker_rss / 2 ** 20 if psutil else None,
+    return {"label": label, "sweep": sweep_name(shape), "total": total, "done": done,
+            "first": first, "main_mb": main_hwm / 1024.0,
+            "worker_mb": worker_rss / 2 ** 20 if psutil else None,
             "window": "%s-%s" % ("{:,}".format(low), "{:,}".format(high)), "rate": rate,
             "json_mb": size / 2 ** 20, "wall": ended - started,
             "quit_s": ended - quit_sent if quit_sent else None}
@@ -137,7 +151,7 @@ def main():
     shm = common.tmpfs_dir()
     if shm:
         storages.append(("tmpfs", shm))
-    rows, results = [], {}
+    rows, results, ones = [], {}, {}
     for storage, base in storages:
         with common.Scratch("b5", base) as scratch:
             small = measure(scratch, "small", (10, 100, common.pick(10, 5)),
@@ -145,17 +159,21 @@ def main():
             big = measure(scratch, "big", (10, 100, seeds),
                           common.pick((5000, 15000), (2000, 6000)),
                           stop_at=common.pick(20000, 8000))
-        for result in (small, big):
+            one = measure(scratch, "one", (1000 * seeds,),
+                          common.pick((5000, 15000), (2000, 6000)),
+                          stop_at=common.pick(20000, 8000))
+        for result in (small, big, one):
             ratio = small["rate"] / result["rate"] if small["rate"] and result["rate"] else None
             result["ratio"] = ratio
-            rows.append([storage, "10 x 100 x %d" % (result["total"] // 1000), result["total"],
+            rows.append([storage, result["sweep"], result["total"],
                          result["done"], result["first"], result["main_mb"],
                          result["worker_mb"], result["json_mb"], result["window"],
                          int(round(result["rate"])) if result["rate"] else None,
                          1000.0 / result["rate"] if result["rate"] else None, ratio,
                          result["wall"], result["quit_s"]])
         results[storage] = big
-    big = results["disk"]
+        ones[storage] = one
+    big, one = results["disk"], ones["disk"]
     cost = " ".join("%s %.2f x %s" % (storage, results[storage]["ratio"] or 0, common.verdict(
         results[storage]["ratio"] is not None and results[storage]["ratio"] <= 1.5))
         for storage, _ in storages)
@@ -165,6 +183,10 @@ def main():
         % ("{:,}".format(big["total"]),
            common.verdict(big["first"] is not None and big["first"] < 20), big["first"] or 0,
            common.verdict(big["main_mb"] < 500), big["main_mb"], cost),
+        "one variable (disk, %s values): first task < 5 s: %s (%.1f s); main RSS < 120 MB: "
+        "%s (%.0f MB)" % ("{:,}".format(one["total"]),
+                          common.verdict(one["first"] is not None and one["first"] < 5),
+                          one["first"] or 0, common.verdict(one["main_mb"] < 120), one["main_mb"]),
         "cost x small = the small sweep's rate / this rate, on the same storage; "
         "quit s = from `q` to exit; disk = TMPDIR, tmpfs = /dev/shm",
     ]
@@ -172,4 +194,5 @@ def main():
                  ["storage", "sweep", "tasks", "ran", "first task s", "main RSS MB",
                   "worker RSS MB", "all_tasks MB", "window", "tasks/s", "ms/task",
                   "cost x small", "wall s", "quit s"], rows, notes)
-    return {"first": big["first"], "main_mb": big["main_mb"], "cost_ratio": big["ratio"]}
+    return {"first": big["first"], "main_mb": big["main_mb"], "cost_ratio": big["ratio"],
+            "one_first": one["first"], "one_main_mb": one["main_mb"]}

@@ -270,18 +270,6 @@ def test_init_fills_in_only_the_missing_files(tmp_path):
     assert "variable_iteration.py" in left_alone and "task_specification.py" in left_alone
 
 
-def test_init_from_a_copy_without_templates_says_what_to_copy(tmp_path):
-    installed_templates = os.path.join(sys.prefix, "share", "threadward", "templates")
-    if os.path.isdir(installed_templates):
-        pytest.skip("this interpreter has installed templates at %s" % installed_templates)
-    copy = vendor(tmp_path / "vendor", templates=False)
-    result = cli([sys.executable, copy, "init", str(tmp_path / "proj")], cwd=tmp_path)
-    assert result.returncode == 2, explain(result)
-    assert "templates" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not os.path.exists(str(tmp_path / "proj" / "threadward" / "task_specification.py"))
-
-
 def test_init_through_a_link_to_the_module_finds_the_templates_beside_the_file(tmp_path):
     """A strict editable install (what `make` does) imports threadward.py
     through a link in build/__editable__...: templates/ is beside the file."""

@@ -524,3 +524,51 @@ def test_folders_differing_only_in_case_are_refused_on_a_case_insensitive_filesy
     fine = threadward.VariableSet()
     fine.add_variable(name="model", values=["GPT2", "BERT"])
     threadward._check_case_collisions(fine, "variable_iteration.py")
+
+
+# -- big variables: nothing kept per value that can be made when asked -------
+
+MIXED = [1111, -3, 0.5, 1e-05, True, None, "text", "a/b", "-rf", "tab\there", "\ud800"]
+
+
+def everything_of(variable_set):
+    """Folders, IDs, all_tasks.json entries and task-line variables, per task."""
+    return [(variable_set.folder_names(ix), json.loads(variable_set.json_fragment(ix)),
+             json.loads(variable_set.protocol_fragment(ix)), variable_set.variables_of(ix))
+            for ix in variable_set.iter_indices()]
+
+
+@pytest.mark.parametrize("make", [seed_example, lambda: VariableSet().add_variable(
+    name="v", values=MIXED).add_variable(name="w", values=[-1, 0, 1], nicknames=["-", "o", "+"])],
+    ids=["seed example", "mixed values"])
+def test_a_variable_past_cache_values_gives_what_a_small_one_does(make, monkeypatch):
+    small = everything_of(make())
+    monkeypatch.setattr(threadward, "CACHE_VALUES", 0)   # every variable "big"
+    big = make()
+    assert all(v.folders is None and not v.texts for v in big.variables)
+    assert everything_of(big) == small
+    assert not any(v.texts for v in big.variables)   # nothing was cached on the way
+
+
+def test_int_values_keep_no_folder_strings(monkeypatch):
+    monkeypatch.setattr(threadward, "CACHE_VALUES", 0)
+    variable_set = VariableSet().add_variable(name="i", values=[7, -7, 0, 10 ** 199])
+    (variable,) = variable_set.variables
+    assert variable.nicknames is None and variable.renamed == {1: "_7"}
+    assert ids(variable_set) == ["7", "_7", "0", "1" + "0" * 199]
+    assert [e["i"]["nickname"] for e in entries(variable_set)] == ["7", "-7", "0", str(10 ** 199)]
+
+
+def test_int_values_twice_or_too_long_are_still_errors():
+    with pytest.raises(ConfigError) as error:
+        VariableSet().add_variable(name="seed", values=[5, 1, 5])
+    assert "values 5 and 5 would share the folder '5'" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        VariableSet().add_variable(name="seed", values=[1, 10 ** 200])
+    assert "no usable folder name" in str(error.value)
+
+
+def test_a_value_and_a_name_that_make_the_same_folder_name_both_values():
+    with pytest.raises(ConfigError) as error:
+        VariableSet().add_variable(name="model", values=["x", "a/b", "a_b"])
+    assert "values 'a/b' and 'a_b' would share the folder 'a_b'" in str(error.value)
