@@ -2200,6 +2200,22 @@ class _Places:
     def in_use(self):
         return self.slots[:self.starting]
 
+    def cap(self, total, project, launcher):
+        """Never more workers than tasks to run (each costs a Python start
+        and its memory before any task runs); the CPU share follows.
+        Returns what to tell the user."""
+        notes = []
+        if self.starting > total:
+            notes.append("NUM_WORKERS = %d, but only %s to run: starting %s" % (
+                project.num_workers, _plural(total, "task"), _plural(total, "worker")))
+            self.starting = total
+            launcher.plan_cpus(total)
+        cores = len(launcher.cores)
+        if launcher.kind == "local" and not project.gpus_per_worker and self.starting > cores:
+            notes.append("note: %d workers on %d cores and no GPUs: they will share the cores"
+                         % (self.starting, cores))
+        return notes
+
     def summary(self, project, launcher):
         """Where the workers run, for the first line of a run."""
         hosts = sorted({slot.host for slot in self.slots if slot.host})
@@ -2970,25 +2986,34 @@ class _Console:
         words = line.split()
         if not words:
             return
-        command, arguments = words[0].lower(), words[1:]
-        run = self.run
-        if command in ("q", "quit"):
-            run.quit()
-        elif command in ("s", "show"):
-            run.say(run.show())
-        elif command in ("a", "add"):
-            run.add_worker()
-        elif command in ("r", "remove"):
-            try:
-                worker_id = int(arguments[0])
-            except (IndexError, ValueError):
-                worker_id = arguments[0] if arguments else None
-            run.remove_worker(worker_id)
-        elif command in ("h", "help"):
-            run.say(CONSOLE_HELP)
+        verb = self._verbs.get(words[0].lower())
+        if verb is None:
+            self.run.say("unknown command %r; commands: show (s), quit (q), add (a), "
+                         "remove N (r N), help (h)" % line)
         else:
-            run.say("unknown command %r; commands: show (s), quit (q), add (a), "
-                    "remove N (r N), help (h)" % line)
+            verb(self, words[1:])
+
+    def _quit(self, arguments):
+        self.run.quit()
+
+    def _show(self, arguments):
+        self.run.say(self.run.show())
+
+    def _add(self, arguments):
+        self.run.add_worker()
+
+    def _remove(self, arguments):
+        try:
+            worker_id = int(arguments[0])
+        except (IndexError, ValueError):
+            worker_id = arguments[0] if arguments else None
+        self.run.remove_worker(worker_id)
+
+    def _help(self, arguments):
+        self.run.say(CONSOLE_HELP)
+
+    _verbs = {"q": _quit, "quit": _quit, "s": _show, "show": _show, "a": _add, "add": _add,
+              "r": _remove, "remove": _remove, "h": _help, "help": _help}
 
 
 ###############################################################################
@@ -3117,20 +3142,8 @@ class Threadward:
         self._launcher.plan_cpus(starting)
 
     def _cap_workers(self):
-        """Never more workers than tasks to run (each costs a Python start
-        and its memory before any task runs); the CPU share follows."""
-        project, places = self.project, self._places
-        total = self._ledger.total
-        if places.starting > total:
-            self.say("NUM_WORKERS = %d, but only %s to run: starting %s" % (
-                project.num_workers, _plural(total, "task"), _plural(total, "worker")))
-            places.starting = total
-            self._launcher.plan_cpus(total)
-        cores = len(self._launcher.cores)
-        if self._launcher.kind == "local" and not project.gpus_per_worker and \
-                places.starting > cores:
-            self.say("note: %d workers on %d cores and no GPUs: they will share the cores"
-                     % (places.starting, cores))
+        for line in self._places.cap(self._ledger.total, self.project, self._launcher):
+            self.say(line)
 
     def _prepare_queue(self):
         """Expand, check IDs, stream all_tasks.json, fill the scheduler."""
