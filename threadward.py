@@ -1872,6 +1872,23 @@ class _Project:
                 if name.endswith("_to_value") and callable(getattr(module, name))}
 
 
+def _enter_project(project):
+    """The project as the working directory and first on sys.path, and its
+    threadward/ folder last on it: spawned and forkserver children
+    (multiprocessing, loky, a DataLoader) import the functions of the
+    project files by their module names.  Returns what undoes it."""
+    previous = os.getcwd()
+    os.chdir(project.directory)
+    sys.path.insert(0, project.directory)
+    sys.path.append(project.config_dir)
+
+    def leave():
+        os.chdir(previous)
+        sys.path.remove(project.directory)
+        sys.path.remove(project.config_dir)
+    return leave
+
+
 ###############################################################################
 # GPUs ########################################################################
 ###############################################################################
@@ -2773,6 +2790,16 @@ class Worker:
             # SIGKILL cannot be ignored; the reap after SIGCHLD finishes the job.
             self.deadline = (time.monotonic() + KILL_WAIT, self.KILL, None)
 
+    def kill_now(self):
+        """SIGKILL its group and wait (a bounded time) for it: the way out
+        after an exception, or with workers still alive."""
+        self.signal_group(signal.SIGKILL)
+        self.close_pipes()
+        try:
+            self.process.wait(KILL_WAIT)
+        except subprocess.TimeoutExpired:
+            pass
+
     def exited(self):
         """Its pipe has closed and its process is gone; returns the state it was in."""
         previous, self.state, self.deadline = self.state, self.EXITED, None
@@ -2805,15 +2832,22 @@ class Worker:
         return True
 
     def read_stderr(self):
-        """Complete lines of the launcher's stderr now readable; None at its end."""
+        """Complete lines of the launcher's stderr now readable, as text (the
+        last STDERR_TAIL_LINES kept to explain a failed start); None at its end."""
         try:
             data = os.read(self.process.stderr.fileno(), READ_SIZE)
         except BlockingIOError:
             return []
         if not data:
             tail = self._stderr_buffer.close()
-            return None if not tail else [tail]
-        return self._stderr_buffer.feed(data)
+            lines = [tail] if tail else None
+        else:
+            lines = self._stderr_buffer.feed(data)
+        if lines is None:
+            return None
+        texts = [line.decode("utf-8", "replace").rstrip() for line in lines]
+        self.stderr_tail.extend(texts)
+        return texts
 
     def where(self):
         """'pid' for a local worker, 'pid@host' for one the launcher placed elsewhere."""
@@ -3057,18 +3091,12 @@ class Threadward:
         if not os.path.isdir(self.project.directory):
             raise ConfigError("%s is not a directory; give the project directory (the one "
                               "holding threadward/)" % self.project.directory)
-        # The main-process hooks see what the workers see: the project as the
-        # working directory and on sys.path.
-        previous = os.getcwd()
-        os.chdir(self.project.directory)
-        sys.path.insert(0, self.project.directory)
-        sys.path.append(self.project.config_dir)   # for spawned children, as in workers
+        # The main-process hooks see what the workers see.
+        leave = _enter_project(self.project)
         try:
             return self._run()
         finally:
-            os.chdir(previous)
-            sys.path.remove(self.project.directory)
-            sys.path.remove(self.project.config_dir)
+            leave()
 
     def _run(self):
         project = self.project
@@ -3263,15 +3291,12 @@ class Threadward:
         if worker.process.stderr.closed:
             return   # a stale event from the same select(), after the pipes closed
         lines = worker.read_stderr()
-
         if lines is None:
             self._selector.unregister(worker.process.stderr.fileno())
             worker.process.stderr.close()
             return
         try:
-            for line in lines:
-                text = line.decode("utf-8", "replace").rstrip()
-                worker.stderr_tail.append(text)
+            for text in lines:
                 sys.stderr.write("[worker %d] %s\n" % (worker.worker_id, text))
             sys.stderr.flush()
         except (OSError, ValueError):
@@ -3484,12 +3509,7 @@ class Threadward:
     def _stop_all_workers(self):
         """Last resort on the way out (an exception, or workers still alive)."""
         for worker in list(self._workers.values()):
-            worker.signal_group(signal.SIGKILL)
-            worker.close_pipes()
-            try:
-                worker.process.wait(KILL_WAIT)
-            except subprocess.TimeoutExpired:
-                pass
+            worker.kill_now()
             self._put_back(worker, worker.take_back())
             if worker.queue:
                 self._record(worker.queue.popleft(), False, Worker.INTERRUPTED)
@@ -3832,11 +3852,7 @@ class _WorkerProcess:
             pass           # already a session leader (local workers are)
         watchdog = _Watchdog(self.channel_in, self.take_cancels)
         try:
-            os.chdir(self.project.directory)
-            sys.path.insert(0, self.project.directory)
-            # Spawned and forkserver children (multiprocessing, loky, a DataLoader)
-            # import the functions of the project files by their module names.
-            sys.path.append(self.project.config_dir)
+            _enter_project(self.project)
             self.project.load_for_worker()
             self.converters = self.project.converters()
             self.spec = self.project.task_module
