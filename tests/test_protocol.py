@@ -72,7 +72,7 @@ def test_a_task_line_carries_its_variables_as_the_worker_reads_them(tmp_path):
         "op": threadward.OP_TASK, "id": task.task_id, "folder": task.folder,
         "log": task.log_file,
         "vars": [["model", "bert-base", "base"], ["lr", 1e-05, "1e-05"],
-                 ["note", 'quote " and \\ and \u00e9', variables.variables[2].nicknames[0]]]}
+                 ["note", 'quote " and \\ and \u00e9', variables.variables[2].nickname(0)]]}
 
 
 def test_cancel_and_shut_down_are_bare_words():

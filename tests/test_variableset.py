@@ -534,7 +534,8 @@ MIXED = [1111, -3, 0.5, 1e-05, True, None, "text", "a/b", "-rf", "tab\there", "\
 def everything_of(variable_set):
     """Folders, IDs, all_tasks.json entries and task-line variables, per task."""
     return [(variable_set.folder_names(ix), json.loads(variable_set.json_fragment(ix)),
-             json.loads(variable_set.protocol_fragment(ix)), variable_set.variables_of(ix))
+             json.loads("[%s]" % ",".join(variable_set.texts(ix, threadward.TASK_VARIABLE))),
+             variable_set.variables_of(ix))
             for ix in variable_set.iter_indices()]
 
 
