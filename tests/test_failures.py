@@ -7,6 +7,7 @@ task exactly once.
 """
 
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -135,8 +136,10 @@ def task_method(variables, task_folder, log_file):
     assert result.stdout.count("could not start") == 3
     assert "RuntimeError: no GPU memory left for worker 2" in result.stdout
     assert "giving up worker slot 0 after 3 failed starts" in result.stdout
-    assert "no worker could start" in result.stdout or "stopped" in result.stdout
+    assert re.search(r"^stopped \(no worker could start\) in \S+: 0 succeeded, 0 failed, "
+                     r"6 not run$", result.stdout, re.M), result.stdout
     assert project.successful() == []
+    assert project.failed() == {}          # never started: not failed, run again later
 
 
 def test_one_bad_worker_start_is_replaced(project):
