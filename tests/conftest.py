@@ -1,5 +1,7 @@
 """Shared fixtures: a temporary threadward project driven through the real CLI."""
 
+import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -99,15 +101,42 @@ class Project:
         return self.output(*(task_id.split("/") + ["task.log"]))
 
 
-def wait_for(predicate, timeout=30.0, interval=0.02):
-    """Wait until predicate() is true (for events in other processes)."""
+def wait_for(condition, timeout=60, message=None, interval=0.02):
+    """Wait until ``condition()`` returns a true value; return that value.
+
+    The one waiting helper of the suite (task code that runs in threadward's
+    workers imports it too: see TASK_IMPORTS_WAIT_FOR), for events in other
+    processes: a file appears, a run prints a line, processes end.
+
+    ``timeout`` (seconds) is a generous upper bound that only stops a test
+    that would otherwise hang; no test relies on anything happening within
+    it, so a slow or loaded machine fails none.  ``message`` says what was
+    awaited (a string, or a function called at the timeout to describe what
+    was seen instead); without one, the condition's source line is shown.
+    The condition is checked once more at the deadline.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
+    while True:
+        value = condition()
         if value:
             return value
+        if time.monotonic() >= deadline:
+            break
         time.sleep(interval)
-    raise AssertionError("timed out waiting for %s" % getattr(predicate, "__name__", predicate))
+    if callable(message):
+        message = message()
+    if message is None:
+        try:
+            message = inspect.getsource(condition).strip()
+        except (OSError, TypeError):
+            message = getattr(condition, "__qualname__", repr(condition))
+    raise AssertionError("timed out after %g s waiting for: %s" % (timeout, message))
+
+
+# Task code runs in threadward's workers, not under pytest, but on this same
+# interpreter: this line (put at the top of a task file) gives it wait_for.
+TASK_IMPORTS_WAIT_FOR = ("import sys as _sys\n_sys.path.append(%r)\n"
+                         "from conftest import wait_for\n" % os.path.join(ROOT, "tests"))
 
 
 def processes_of(directory):
@@ -129,9 +158,35 @@ def project(tmp_path):
     """A minimal runnable project; after the test no process of it may be left."""
     made = Project(tmp_path / "proj")
     yield made
-    leftovers = wait_for(lambda: not processes_of(made.dir) or None, timeout=15) \
-        if processes_of(made.dir) else None
-    assert leftovers is None or not processes_of(made.dir)
+    assert_no_processes_left(made.dir)
+
+
+def assert_no_processes_left(directory, timeout=60):
+    """Wait until no process of the project at ``directory`` is alive."""
+    wait_for(lambda: not processes_of(directory), timeout=timeout,
+             message=lambda: "the processes of %s to end; still alive: %s" % (
+                 directory, [process.info["cmdline"] for process in processes_of(directory)]))
+
+
+def _gputil_problem():
+    """Why GPUtil cannot be imported on this interpreter (the one the runs
+    use), or None.  Any exception counts: GPUtil imports distutils, which
+    Python 3.12 dropped (setuptools brings it back)."""
+    try:
+        importlib.import_module("GPUtil")
+    except Exception as exc:
+        return "%s: %s" % (type(exc).__name__, exc)
+    return None
+
+
+GPUTIL_PROBLEM = _gputil_problem()
+
+# For a test whose runs ask for GPUs: threadward finds them through GPUtil,
+# and without it such a run is refused, so the test is skipped at once.
+needs_gputil = pytest.mark.skipif(
+    GPUTIL_PROBLEM is not None,
+    reason="GPU runs need GPUtil, which cannot be imported here (%s); "
+           "pip install GPUtil setuptools" % GPUTIL_PROBLEM)
 
 
 @pytest.fixture
