@@ -133,6 +133,32 @@ def wait_for(condition, timeout=60, message=None, interval=0.02):
     raise AssertionError("timed out after %g s waiting for: %s" % (timeout, message))
 
 
+def read_until(stream, text, timeout=60):
+    """What a child wrote on the pipe ``stream`` up to (at least) ``text``.
+
+    Raw reads on the fd, so nothing waits unseen in a Python buffer, and the
+    rest is left for communicate(); fails at once if the pipe ends first."""
+    fd = stream.fileno()
+    seen = bytearray()
+
+    def arrived():
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            raise AssertionError("the output ended before %r; it was: %r" % (text, bytes(seen)))
+        seen.extend(chunk)
+        return text.encode() in seen
+    os.set_blocking(fd, False)
+    try:
+        wait_for(arrived, timeout=timeout,
+                 message=lambda: "%r on the output; so far: %r" % (text, bytes(seen)))
+    finally:
+        os.set_blocking(fd, True)
+    return seen.decode()
+
+
 # Task code runs in threadward's workers, not under pytest, but on this same
 # interpreter: this line (put at the top of a task file) gives it wait_for.
 TASK_IMPORTS_WAIT_FOR = ("import sys as _sys\n_sys.path.append(%r)\n"

@@ -15,14 +15,14 @@ import psutil
 import pytest
 
 import threadward
-from conftest import processes_of, wait_for
+from conftest import (TASK_IMPORTS_WAIT_FOR, assert_no_processes_left, processes_of,
+                      wait_for)
 
-GATED_TASK = """
+GATED_TASK = TASK_IMPORTS_WAIT_FOR + """
 import json
 import os
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project
 STATE = os.path.join(HERE, "state")
@@ -74,12 +74,9 @@ def task_method(variables, task_folder, log_file):
                           "open(sys.argv[1], 'w').close(); time.sleep(300)",
                           os.path.join(HERE, "big_child_ready")])
     _mark("task_%s_started" % x, str(_worker["id"]))
-    deadline = time.monotonic() + 120   # a hang guard only
-    while not (os.path.exists(os.path.join(GATES, str(x))) or
-               os.path.exists(os.path.join(GATES, "all"))):
-        if time.monotonic() > deadline:
-            raise RuntimeError("gate never opened")
-        time.sleep(0.02)
+    wait_for(lambda: os.path.exists(os.path.join(GATES, str(x))) or
+             os.path.exists(os.path.join(GATES, "all")), timeout=120,
+             message="the gate of task %s to open" % x)
     _mark("task_%s_finished" % x)
 """
 
@@ -101,7 +98,7 @@ class Console:
         self.out, self.err = [], []
         self._cursor = 0
         self._closed = False
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._readers = [threading.Thread(target=self._read, args=(stream, into), daemon=True)
                          for stream, into in ((process.stdout, self.out),
                                               (process.stderr, self.err))]
@@ -110,13 +107,10 @@ class Console:
 
     def _read(self, stream, into):
         for line in iter(stream.readline, ""):
-            with self._changed:
+            with self._lock:
                 into.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            if into is self.out:
-                self._closed = True
-            self._changed.notify_all()
+        if into is self.out:
+            self._closed = True
 
     def send(self, line):
         self.process.stdin.write(line + "\n")
@@ -125,20 +119,21 @@ class Console:
     def transcript(self):
         return "\n".join(["--- stdout"] + self.out + ["--- stderr"] + self.err)
 
-    def expect(self, pattern, timeout=30):
+    def expect(self, pattern, timeout=60):
         """The next stdout line (after earlier matches) matching pattern."""
         regex = re.compile(pattern)
         found = []
 
         def search():
-            for index in range(self._cursor, len(self.out)):
-                if regex.search(self.out[index]):
-                    self._cursor = index + 1
-                    found.append(self.out[index])
-                    return True
-            return self._closed
-        with self._changed:
-            self._changed.wait_for(search, timeout)
+            with self._lock:
+                for index in range(self._cursor, len(self.out)):
+                    if regex.search(self.out[index]):
+                        self._cursor = index + 1
+                        found.append(self.out[index])
+                        return True
+                return self._closed
+        wait_for(search, timeout=timeout, message=lambda: "a line matching %r in:\n%s"
+                 % (pattern, self.transcript()))
         assert found, "no line matching %r in:\n%s" % (pattern, self.transcript())
         return found[0]
 
@@ -255,7 +250,7 @@ def test_show_lists_live_worker_pids_and_each_workers_own_gpu_memory(
         table, rows = console.show()
         return (table, rows) if all(own[i] in rows.get(i, ("", "", ""))[2]
                                     for i in (0, 1)) else None
-    table, rows = wait_for(table_with_gpu_memory, timeout=40, interval=0.5)
+    table, rows = wait_for(table_with_gpu_memory, interval=0.5)
 
     assert sorted(rows) == [0, 1]
     for worker_id, (pid, gpus, rest) in rows.items():
@@ -559,7 +554,7 @@ def test_status_from_another_process_prints_the_show_table(project, gated):
         except (OSError, ValueError, KeyError):
             return None
         return text if text.count("busy") == 2 else None
-    wait_for(status_with_both_busy, timeout=40, interval=0.2)
+    wait_for(status_with_both_busy, interval=0.2)
 
     result = project.run(subcommand="status")
     assert result.returncode == 0, result.stderr
@@ -618,4 +613,4 @@ def test_second_ctrl_c_ends_running_tasks_as_interrupted(project, gated):
     assert not any(state(project, "task_%d_finished" % x) for x in running)
     assert sorted(started_tasks(project)) == running
     assert state(project, "after_all_tasks") is not None
-    wait_for(lambda: not processes_of(project.dir), timeout=20)
+    assert_no_processes_left(project.dir)
