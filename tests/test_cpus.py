@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from conftest import TASK_IMPORTS_WAIT_FOR
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
                     "NUMBA_NUM_THREADS")
@@ -77,16 +79,15 @@ def test_slurm_cpus_on_this_node_bound_the_share(project):
 @pytest.mark.skipif(len(CORES) < 2, reason="pinning two workers apart needs two cores")
 def test_pin_cpus_gives_each_worker_cores_of_its_own(project):
     # Each task waits until both workers hold one, so both are seen.
-    project.write(task="""
-import json, os, time
+    project.write(task=TASK_IMPORTS_WAIT_FOR + """
+import json, os
 
 def task_method(variables, task_folder, log_file):
     here = os.path.join(os.path.dirname(task_folder), "workers")
     os.makedirs(here, exist_ok=True)
     open(os.path.join(here, str(os.getpid())), "w").close()
-    deadline = time.monotonic() + 60
-    while len(os.listdir(here)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: len(os.listdir(here)) >= 2, timeout=120,
+             message="both workers to hold a task")
     with open(os.path.join(task_folder, "result.json"), "w") as stream:
         json.dump({"cores": sorted(os.sched_getaffinity(0)),
                    "told": os.environ.get("THREADWARD_CPUS")}, stream)

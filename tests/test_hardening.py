@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import wait_for
+from conftest import TASK_IMPORTS_WAIT_FOR, wait_for
 
 RANGE = """
 def setup_variable_set(variable_set):
@@ -198,15 +198,14 @@ def test_status_after_the_run_prints_no_empty_worker_table(project):
     assert "PID" not in status.stdout, status.stdout
 
 
-SLOW = """
-import os, time
+SLOW = TASK_IMPORTS_WAIT_FOR + """
+import os
 
 def task_method(variables, task_folder, log_file):
     open(os.path.join(os.path.dirname(task_folder), "started"), "a").close()
-    deadline = time.monotonic() + 120   # a failed test must not leave a run behind
-    while not os.path.exists(os.path.join(os.path.dirname(task_folder), "go")) and \
-            time.monotonic() < deadline:
-        time.sleep(0.02)
+    # bounded, so that a failed test does not leave a run behind
+    wait_for(lambda: os.path.exists(os.path.join(os.path.dirname(task_folder), "go")),
+             timeout=120, message="the test to create task_outputs/go")
 """
 
 

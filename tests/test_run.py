@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from conftest import Project, assert_no_processes_left
+from conftest import TASK_IMPORTS_WAIT_FOR, Project, assert_no_processes_left
 
 
 # --------------------------------------------------------------------------
@@ -759,18 +759,16 @@ def test_reruns(project):
 # retention scheduling, seen from outside
 # --------------------------------------------------------------------------
 
-SPREAD_TASK = """
+SPREAD_TASK = TASK_IMPORTS_WAIT_FOR + """
 import glob
-import time
 
 
 def task_method(variables, task_folder, log_file):
     # Wait (bounded) until both workers hold a task, so that one worker
     # cannot finish everything before the other asks for work.
     open(_os.path.join(@DIR@, "busy-%d" % _os.getpid()), "w").close()
-    deadline = time.time() + 30
-    while time.time() < deadline and len(glob.glob(_os.path.join(@DIR@, "busy-*"))) < 2:
-        time.sleep(0.01)
+    wait_for(lambda: len(glob.glob(_os.path.join(@DIR@, "busy-*"))) >= 2, timeout=120,
+             message="both workers to hold a task")
     _log(_os.getpid(), variables["model"], variables["seed"])
 """
 
@@ -798,7 +796,7 @@ def test_fresh_workers_start_on_different_top_level_values(project):
         assert len(run_lengths(models)) == len(set(models)), events
 
 
-WAIT_TASK = """
+WAIT_TASK = TASK_IMPORTS_WAIT_FOR + """
 import time
 
 DONE = _os.path.join(@DIR@, "big-done")
@@ -813,10 +811,8 @@ def task_method(variables, task_folder, log_file):
         return
     # "small" ends only once "big" has measured tasks (bounded wait), so the
     # scheduler knows what is left there when "small" runs out
-    deadline = time.time() + 30
-    while time.time() < deadline and (
-            not _os.path.exists(DONE) or _os.path.getsize(DONE) < 8):
-        time.sleep(0.01)
+    wait_for(lambda: _os.path.exists(DONE) and _os.path.getsize(DONE) >= 8, timeout=120,
+             message="8 tasks of 'big' to end")
 """
 
 WAIT_VARIABLES = """
