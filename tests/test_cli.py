@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, THREADWARD, processes_of, wait_for
+from conftest import ROOT, THREADWARD, assert_no_processes_left
 
 import threadward
 
@@ -116,8 +116,7 @@ def assert_initialised(directory):
 
 
 def assert_no_leftovers(directory):
-    if processes_of(str(directory)):
-        wait_for(lambda: not processes_of(str(directory)), timeout=15)
+    assert_no_processes_left(str(directory))
 
 
 def assert_template_run(result, directory):
