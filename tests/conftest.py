@@ -1,6 +1,5 @@
 """Shared fixtures: a temporary threadward project driven through the real CLI."""
 
-import importlib
 import inspect
 import json
 import os
@@ -195,14 +194,17 @@ def assert_no_processes_left(directory, timeout=60):
 
 
 def _gputil_problem():
-    """Why GPUtil cannot be imported on this interpreter (the one the runs
-    use), or None.  Any exception counts: GPUtil imports distutils, which
-    Python 3.12 dropped (setuptools brings it back)."""
-    try:
-        importlib.import_module("GPUtil")
-    except Exception as exc:
-        return "%s: %s" % (type(exc).__name__, exc)
-    return None
+    """Why GPUtil cannot be imported by the runs' interpreter (this one), or
+    None.  Any failure counts: GPUtil imports distutils, which Python 3.12
+    dropped (setuptools brings it back).  Tried in a child, so that this
+    process does not import distutils before setuptools can replace it."""
+    tried = subprocess.run([sys.executable, "-c", "import GPUtil"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=120)
+    if tried.returncode == 0:
+        return None
+    lines = tried.stdout.strip().splitlines()
+    return lines[-1] if lines else "exit code %d" % tried.returncode
 
 
 GPUTIL_PROBLEM = _gputil_problem()
