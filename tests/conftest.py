@@ -1,5 +1,6 @@
 """Shared fixtures: a temporary threadward project driven through the real CLI."""
 
+import functools
 import inspect
 import json
 import os
@@ -193,11 +194,13 @@ def assert_no_processes_left(directory, timeout=60):
                  directory, [process.info["cmdline"] for process in processes_of(directory)]))
 
 
-def _gputil_problem():
+@functools.lru_cache(maxsize=None)
+def gputil_problem():
     """Why GPUtil cannot be imported by the runs' interpreter (this one), or
     None.  Any failure counts: GPUtil imports distutils, which Python 3.12
     dropped (setuptools brings it back).  Tried in a child, so that this
-    process does not import distutils before setuptools can replace it."""
+    process does not import distutils before setuptools can replace it; and
+    only when a test asks (task code imports this module too)."""
     tried = subprocess.run([sys.executable, "-c", "import GPUtil"], stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            universal_newlines=True, timeout=120)
@@ -207,14 +210,19 @@ def _gputil_problem():
     return lines[-1] if lines else "exit code %d" % tried.returncode
 
 
-GPUTIL_PROBLEM = _gputil_problem()
-
 # For a test whose runs ask for GPUs: threadward finds them through GPUtil,
 # and without it such a run is refused, so the test is skipped at once.
-needs_gputil = pytest.mark.skipif(
-    GPUTIL_PROBLEM is not None,
-    reason="GPU runs need GPUtil, which cannot be imported here (%s); "
-           "pip install GPUtil setuptools" % GPUTIL_PROBLEM)
+needs_gputil = pytest.mark.needs_gputil
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_gputil: skipped where GPUtil cannot be imported")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_gputil") is not None and gputil_problem() is not None:
+        pytest.skip("GPU runs need GPUtil, which cannot be imported here (%s); "
+                    "pip install GPUtil setuptools" % gputil_problem())
 
 
 @pytest.fixture
