@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 import threadward
-from conftest import (TASK_IMPORTS_WAIT_FOR, assert_no_processes_left, processes_of,
-                      wait_for)
+from conftest import (TASK_IMPORTS_WAIT_FOR, assert_no_processes_left, needs_gputil,
+                      processes_of, wait_for)
 
 GATED_TASK = TASK_IMPORTS_WAIT_FOR + """
 import json
@@ -234,6 +234,7 @@ def workers_that_ran(project):
 
 # -- show ----------------------------------------------------------------------
 
+@needs_gputil
 def test_show_lists_live_worker_pids_and_each_workers_own_gpu_memory(
         project, gated, fake_gpus, tmp_path):
     usage = tmp_path / "gpu_usage"
@@ -431,6 +432,7 @@ def test_add_starts_a_worker_that_runs_tasks(project, gated):
     assert set(workers_that_ran(project).values()) == {0, 1}
 
 
+@needs_gputil
 def test_add_takes_a_gpu_from_the_reserve(project, gated, fake_gpus):
     fake_gpus(2)
     console = gated("NUM_WORKERS = 1\nNUM_GPUS_PER_WORKER = 1\n", tasks=4)
@@ -445,6 +447,7 @@ def test_add_takes_a_gpu_from_the_reserve(project, gated, fake_gpus):
     assert len(project.successful()) == 4
 
 
+@needs_gputil
 def test_add_without_gpus_in_reserve_says_why_and_changes_nothing(project, gated, fake_gpus):
     fake_gpus(2)
     console = gated("NUM_WORKERS = 2\nNUM_GPUS_PER_WORKER = 1\n", tasks=4)
@@ -481,6 +484,7 @@ def test_remove_runs_after_each_worker_and_the_worker_takes_no_further_task(proj
     assert state(project, "worker_0_finished") is not None
 
 
+@needs_gputil
 def test_a_removed_workers_gpu_goes_back_to_the_reserve(project, gated, fake_gpus):
     fake_gpus(2)
     console = gated("NUM_WORKERS = 2\nNUM_GPUS_PER_WORKER = 1\n", tasks=6)

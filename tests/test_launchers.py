@@ -30,7 +30,7 @@ import subprocess
 
 import pytest
 
-from conftest import TASK_IMPORTS_WAIT_FOR, processes_of, wait_for
+from conftest import TASK_IMPORTS_WAIT_FOR, needs_gputil, processes_of, wait_for
 
 SLURM = os.environ.get("THREADWARD_TEST_SLURM") == "1" and bool(os.environ.get("SLURM_CONF"))
 SSH_OPTIONS = shlex.split(os.environ.get("THREADWARD_TEST_SSH", ""))
@@ -164,6 +164,7 @@ def test_command_prefix_launcher_runs_each_worker_through_it(project):
     assert all(r["cwd"] == project.dir and r["mylib"] == 42 for r in records.values())
 
 
+@needs_gputil
 def test_command_prefix_launcher_gets_each_workers_gpus(project, fake_gpus):
     fake_gpus(2)
     sweep(project, 'LAUNCHER = ["env", "TW_LAUNCHED={worker_id}", "TW_GPUS={gpus}"]\n'
