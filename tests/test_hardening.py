@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from conftest import TASK_IMPORTS_WAIT_FOR, wait_for
@@ -455,13 +456,16 @@ import subprocess
 
 def on_task_success(variables, task_folder, log_file):
     if variables["x"] == 1:
-        p = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        # not on the run's stdout/stderr: project.run() would wait for it to close them
+        p = subprocess.Popen(["sleep", "600"], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         open(%r, "w").write(str(p.pid))
 """ % str(pid_file))
     result = project.run()
-    assert result.returncode == 0, result.stdout + result.stderr
     pid = int(pid_file.read_text())
     try:
-        os.kill(pid, 0)   # still there after every worker has exited
+        assert result.returncode == 0, result.stdout + result.stderr
+        # still there after every worker and the main process have exited
+        assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     finally:
         os.kill(pid, signal.SIGKILL)
