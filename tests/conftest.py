@@ -165,6 +165,37 @@ TASK_IMPORTS_WAIT_FOR = ("import sys as _sys\n_sys.path.append(%r)\n"
                          "from conftest import wait_for\n" % os.path.join(ROOT, "tests"))
 
 
+RELAY = r"""
+import subprocess, sys, threading
+# A launcher that passes the protocol through both ways, logging each line
+# ("> " from the main process, "< " from the worker) in the order it passed.
+log = open(sys.argv[1], "ab", buffering=0)
+lock = threading.Lock()
+worker = subprocess.Popen(sys.argv[2:], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+def pump(source, sink, tag):
+    for line in iter(source.readline, b""):
+        with lock:
+            log.write(tag + line)
+        sink.write(line)
+        sink.flush()
+    sink.close()
+
+threading.Thread(target=pump, args=(sys.stdin.buffer, worker.stdin, b"> "), daemon=True).start()
+pump(worker.stdout, sys.stdout.buffer, b"< ")
+sys.exit(worker.wait())
+"""
+
+
+def relayed(tmp_path):
+    """Resources for one worker behind RELAY, and the protocol log's path."""
+    relay, log = tmp_path / "relay.py", tmp_path / "protocol.log"
+    relay.write_text(RELAY)
+    log.write_bytes(b"")
+    return ("NUM_WORKERS = 1\nLAUNCHER = [%r, %r, %r]\n"
+            % (sys.executable, str(relay), str(log))), log
+
+
 def processes_of(directory):
     """Live processes whose command line mentions the project directory."""
     found = []

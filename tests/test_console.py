@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 
 import psutil
@@ -16,7 +15,7 @@ import pytest
 
 import threadward
 from conftest import (TASK_IMPORTS_WAIT_FOR, assert_no_processes_left, needs_gputil,
-                      processes_of, wait_for)
+                      processes_of, relayed, wait_for)
 
 GATED_TASK = TASK_IMPORTS_WAIT_FOR + """
 import json
@@ -309,37 +308,6 @@ def test_quit_lets_the_running_task_finish_and_starts_no_other(project, gated):
 
 
 # -- tasks queued ahead (short tasks) -------------------------------------------
-
-RELAY = r"""
-import subprocess, sys, threading
-# A launcher that passes the protocol through both ways, logging each line
-# ("> " from the main process, "< " from the worker) in the order it passed.
-log = open(sys.argv[1], "ab", buffering=0)
-lock = threading.Lock()
-worker = subprocess.Popen(sys.argv[2:], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-def pump(source, sink, tag):
-    for line in iter(source.readline, b""):
-        with lock:
-            log.write(tag + line)
-        sink.write(line)
-        sink.flush()
-    sink.close()
-
-threading.Thread(target=pump, args=(sys.stdin.buffer, worker.stdin, b"> "), daemon=True).start()
-pump(worker.stdout, sys.stdout.buffer, b"< ")
-sys.exit(worker.wait())
-"""
-
-
-def relayed(tmp_path):
-    """Resources for one worker behind RELAY, and the protocol log's path."""
-    relay, log = tmp_path / "relay.py", tmp_path / "protocol.log"
-    relay.write_text(RELAY)
-    log.write_bytes(b"")
-    return ("NUM_WORKERS = 1\nLAUNCHER = [%r, %r, %r]\n"
-            % (sys.executable, str(relay), str(log))), log
-
 
 def test_quit_takes_back_the_task_queued_behind_the_running_one(project, gated, tmp_path):
     """After short tasks the next task is sent before the running one ends;
