@@ -1,5 +1,7 @@
 """Shared fixtures: a temporary threadward project driven through the real CLI."""
 
+import functools
+import inspect
 import json
 import os
 import subprocess
@@ -99,15 +101,99 @@ class Project:
         return self.output(*(task_id.split("/") + ["task.log"]))
 
 
-def wait_for(predicate, timeout=30.0, interval=0.02):
-    """Wait until predicate() is true (for events in other processes)."""
+def wait_for(condition, timeout=60, message=None, interval=0.02):
+    """Wait until ``condition()`` returns a true value; return that value.
+
+    The one waiting helper of the suite (task code that runs in threadward's
+    workers imports it too: see TASK_IMPORTS_WAIT_FOR), for events in other
+    processes: a file appears, a run prints a line, processes end.
+
+    ``timeout`` (seconds) is a generous upper bound that only stops a test
+    that would otherwise hang; no test relies on anything happening within
+    it, so a slow or loaded machine fails none.  ``message`` says what was
+    awaited (a string, or a function called at the timeout to describe what
+    was seen instead); without one, the condition's source line is shown.
+    The condition is checked once more at the deadline.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
+    while True:
+        value = condition()
         if value:
             return value
+        if time.monotonic() >= deadline:
+            break
         time.sleep(interval)
-    raise AssertionError("timed out waiting for %s" % getattr(predicate, "__name__", predicate))
+    if callable(message):
+        message = message()
+    if message is None:
+        try:
+            message = inspect.getsource(condition).strip()
+        except (OSError, TypeError):
+            message = getattr(condition, "__qualname__", repr(condition))
+    raise AssertionError("timed out after %g s waiting for: %s" % (timeout, message))
+
+
+def read_until(stream, text, timeout=60):
+    """What a child wrote on the pipe ``stream`` up to (at least) ``text``.
+
+    Raw reads on the fd, so nothing waits unseen in a Python buffer, and the
+    rest is left for communicate(); fails at once if the pipe ends first."""
+    fd = stream.fileno()
+    seen = bytearray()
+
+    def arrived():
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            raise AssertionError("the output ended before %r; it was: %r" % (text, bytes(seen)))
+        seen.extend(chunk)
+        return text.encode() in seen
+    os.set_blocking(fd, False)
+    try:
+        wait_for(arrived, timeout=timeout,
+                 message=lambda: "%r on the output; so far: %r" % (text, bytes(seen)))
+    finally:
+        os.set_blocking(fd, True)
+    return seen.decode()
+
+
+# Task code runs in threadward's workers, not under pytest, but on this same
+# interpreter: this line (put at the top of a task file) gives it wait_for.
+TASK_IMPORTS_WAIT_FOR = ("import sys as _sys\n_sys.path.append(%r)\n"
+                         "from conftest import wait_for\n" % os.path.join(ROOT, "tests"))
+
+
+RELAY = r"""
+import subprocess, sys, threading
+# A launcher that passes the protocol through both ways, logging each line
+# ("> " from the main process, "< " from the worker) in the order it passed.
+log = open(sys.argv[1], "ab", buffering=0)
+lock = threading.Lock()
+worker = subprocess.Popen(sys.argv[2:], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+def pump(source, sink, tag):
+    for line in iter(source.readline, b""):
+        with lock:
+            log.write(tag + line)
+        sink.write(line)
+        sink.flush()
+    sink.close()
+
+threading.Thread(target=pump, args=(sys.stdin.buffer, worker.stdin, b"> "), daemon=True).start()
+pump(worker.stdout, sys.stdout.buffer, b"< ")
+sys.exit(worker.wait())
+"""
+
+
+def relayed(tmp_path):
+    """Resources for one worker behind RELAY, and the protocol log's path."""
+    relay, log = tmp_path / "relay.py", tmp_path / "protocol.log"
+    relay.write_text(RELAY)
+    log.write_bytes(b"")
+    return ("NUM_WORKERS = 1\nLAUNCHER = [%r, %r, %r]\n"
+            % (sys.executable, str(relay), str(log))), log
 
 
 def processes_of(directory):
@@ -129,9 +215,45 @@ def project(tmp_path):
     """A minimal runnable project; after the test no process of it may be left."""
     made = Project(tmp_path / "proj")
     yield made
-    leftovers = wait_for(lambda: not processes_of(made.dir) or None, timeout=15) \
-        if processes_of(made.dir) else None
-    assert leftovers is None or not processes_of(made.dir)
+    assert_no_processes_left(made.dir)
+
+
+def assert_no_processes_left(directory, timeout=60):
+    """Wait until no process of the project at ``directory`` is alive."""
+    wait_for(lambda: not processes_of(directory), timeout=timeout,
+             message=lambda: "the processes of %s to end; still alive: %s" % (
+                 directory, [process.info["cmdline"] for process in processes_of(directory)]))
+
+
+@functools.lru_cache(maxsize=None)
+def gputil_problem():
+    """Why GPUtil cannot be imported by the runs' interpreter (this one), or
+    None.  Any failure counts: GPUtil imports distutils, which Python 3.12
+    dropped (setuptools brings it back).  Tried in a child, so that this
+    process does not import distutils before setuptools can replace it; and
+    only when a test asks (task code imports this module too)."""
+    tried = subprocess.run([sys.executable, "-c", "import GPUtil"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=120)
+    if tried.returncode == 0:
+        return None
+    lines = tried.stdout.strip().splitlines()
+    return lines[-1] if lines else "exit code %d" % tried.returncode
+
+
+# For a test whose runs ask for GPUs: threadward finds them through GPUtil,
+# and without it such a run is refused, so the test is skipped at once.
+needs_gputil = pytest.mark.needs_gputil
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_gputil: skipped where GPUtil cannot be imported")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_gputil") is not None and gputil_problem() is not None:
+        pytest.skip("GPU runs need GPUtil, which cannot be imported here (%s); "
+                    "pip install GPUtil setuptools" % gputil_problem())
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, THREADWARD, processes_of, wait_for
+from conftest import (ROOT, TASK_IMPORTS_WAIT_FOR, THREADWARD, assert_no_processes_left,
+                      read_until)
 
 import threadward
 
@@ -116,8 +117,7 @@ def assert_initialised(directory):
 
 
 def assert_no_leftovers(directory):
-    if processes_of(str(directory)):
-        wait_for(lambda: not processes_of(str(directory)), timeout=15)
+    assert_no_processes_left(str(directory))
 
 
 def assert_template_run(result, directory):
@@ -450,24 +450,42 @@ def test_headless_run_completes(project, tmp_path, stdin):
 
 
 def test_quit_from_a_regular_file_stops_the_run_early(project, tmp_path):
-    project.write(task="""
-        import time
+    """The tasks wait for a gate the test opens once the run has said it quit,
+    so what runs does not depend on how fast anything is."""
+    gate = tmp_path / "gate"
+    project.write(task=TASK_IMPORTS_WAIT_FOR + """
+import os
 
-        def task_method(variables, task_folder, log_file):
-            time.sleep(0.2)
-        """, variables="""
-        def setup_variable_set(variable_set):
-            variable_set.add_variable(name="x", values=list(range(10)))
-        """, resources="NUM_WORKERS = 1\n")
+def task_method(variables, task_folder, log_file):
+    wait_for(lambda: os.path.exists(%r), timeout=120, message="the test to open the gate")
+""" % str(gate), variables="""
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=list(range(10)))
+""", resources="NUM_WORKERS = 1\n")
     path = write_file(tmp_path / "commands.txt", "q\n")
     with open(path) as stream:
-        result = project.run(stdin=stream)
+        process = subprocess.Popen(project.command(), stdin=stream, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, universal_newlines=True,
+                                   env=project.env())
+    try:
+        seen = read_until(process.stdout, "then teardown\n")
+        gate.touch()
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    result = subprocess.CompletedProcess(process.args, process.returncode, seen + out, err)
     assert result.returncode == 1, explain(result)
-    assert len(project.successful()) < 10
+    # The commands of a file are read at once: the quit may come before the
+    # first task starts or while it runs; no task starts after it.
+    running = int(re.search(r"^quit: no new tasks; waiting for (\d+) running task\(s\), then "
+                            r"teardown$", result.stdout, re.M).group(1))
+    assert running <= 1, explain(result)
+    assert project.successful() == ["0"][:running]
     assert project.failed() == {}
-    assert "quit" in result.stdout
-    assert re.search(r"^stopped \(quit\) in \S+: \d+ succeeded, 0 failed, \d+ not run$",
-                     result.stdout, re.M), explain(result)
+    assert re.search(r"^stopped \(quit\) in \S+: %d succeeded, 0 failed, %d not run$"
+                     % (running, 10 - running), result.stdout, re.M), explain(result)
 
 
 # -- exit codes -----------------------------------------------------------------

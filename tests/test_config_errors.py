@@ -361,36 +361,21 @@ def test_result_hook_that_is_not_a_function(setup, hook):
     expect_config_error(setup, "variable_iteration.py", line_of(text, "HERE"), [hook])
 
 
-def test_converter_that_is_not_a_function_is_an_error_or_ignored(setup):
-    """x_to_value = 3 must never reach a worker as a 'converter'."""
-    setup.write(variables=GOOD_VARIABLES + "\nx_to_value = 3\n")
-    result = setup.run(timeout=120)
-    if result.returncode == 2:
-        assert "x_to_value" in result.stderr
-        assert not os.path.exists(setup.outputs)
-    else:
-        assert result.returncode == 0, result.stderr
-        assert {"2", "3"} <= set(setup.successful())
+def test_converter_that_is_not_a_function(setup):
+    """x_to_value names the converter of the variable x; a value that is no
+    function must be refused, not ignored (the tasks would get the raw
+    values in place of what the user meant them to get)."""
+    text = GOOD_VARIABLES + "\nx_to_value = 3  # HERE\n"
+    setup.write(variables=text)
+    expect_config_error(setup, "variable_iteration.py", line_of(text, "HERE"), ["x_to_value"])
 
 
 # -- hostile names that only show up once folders are made -----------------------
 
-def assert_refused_before_running_or_ran(setup, result, before):
-    """Either a configuration error with nothing touched, or every task ran."""
-    assert result.returncode in (0, 2), (result.returncode, result.stdout, result.stderr)
-    if result.returncode == 2:
-        assert "variable_iteration.py" in result.stderr
-        assert queue_snapshot(setup) == before
-        assert not os.path.exists(setup.outputs)
-    else:
-        assert len(setup.successful()) == 2 + 2
-        assert setup.failed() == {}
-
-
 def test_underscore_id_too_long_for_one_folder(setup):
     """Joined with "_", two 150-character nicknames make a 301-byte folder name,
-    longer than any filesystem allows: that must be caught before anything
-    runs (or the name shortened), not fail every task at run time."""
+    longer than any filesystem allows: that is caught before anything runs,
+    not left to fail every such task at run time."""
     setup.write(variables="""\
         TASK_FOLDER_LOCATION = "VARIABLE_UNDERSCORE"
 
@@ -398,19 +383,31 @@ def test_underscore_id_too_long_for_one_folder(setup):
             variable_set.add_variable(name="x", values=["a" * 150])
             variable_set.add_variable(name="y", values=["b" * 150, "c"])
         """)
-    before = queue_snapshot(setup)
-    result = setup.run(timeout=120)
-    assert_refused_before_running_or_ran(setup, result, before)
+    expect_config_error(setup, "variable_iteration.py", needles=[
+        "the folder name '%s_%s' is longer than a filesystem allows (255 bytes)"
+        % ("a" * 150, "b" * 150), 'TASK_FOLDER_LOCATION = "VARIABLE_SUBFOLDER"'])
 
 
-def test_value_that_is_not_valid_unicode(setup):
-    """A lone surrogate (from a badly decoded file name, say) as a value without a
-    nickname: either a configuration error or a usable folder; never a crash."""
-    setup.write(variables="""\
+def test_value_that_is_not_valid_unicode_runs_in_a_folder_it_can_have(setup):
+    """A lone surrogate (from a badly decoded file name, say) in a value
+    without a nickname: the folder gets "_" in its place, and the task gets
+    the value itself."""
+    setup.write(task="""\
+        import os
+
+        def task_method(variables, task_folder, log_file):
+            with open(os.path.join(task_folder, "value.txt"), "w") as stream:
+                stream.write(ascii(variables["x"]))
+        """, variables="""\
         def setup_variable_set(variable_set):
             variable_set.add_variable(name="x", values=["ok", "bad\\ud800name"])
         """)
-    before = queue_snapshot(setup)
     result = setup.run(timeout=120)
-    assert "Traceback" not in result.stderr, result.stderr
-    assert_refused_before_running_or_ran(setup, result, before)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert setup.successful()[:2] == ["1", "old/task"]            # the earlier results
+    assert sorted(setup.successful()[2:]) == ["bad_name", "ok"]
+    assert setup.failed() == {}
+    assert sorted(os.listdir(setup.outputs)) == ["bad_name", "ok"]
+    assert setup.output("bad_name", "value.txt") == ascii("bad\ud800name")
+    assert setup.output("ok", "value.txt") == ascii("ok")
+    assert [task["task_id"] for task in setup.all_tasks()] == ["ok", "bad_name"]

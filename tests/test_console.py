@@ -8,21 +8,20 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 
 import psutil
 import pytest
 
 import threadward
-from conftest import processes_of, wait_for
+from conftest import (TASK_IMPORTS_WAIT_FOR, assert_no_processes_left, needs_gputil,
+                      processes_of, relayed, wait_for)
 
-GATED_TASK = """
+GATED_TASK = TASK_IMPORTS_WAIT_FOR + """
 import json
 import os
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project
 STATE = os.path.join(HERE, "state")
@@ -74,12 +73,9 @@ def task_method(variables, task_folder, log_file):
                           "open(sys.argv[1], 'w').close(); time.sleep(300)",
                           os.path.join(HERE, "big_child_ready")])
     _mark("task_%s_started" % x, str(_worker["id"]))
-    deadline = time.monotonic() + 120   # a hang guard only
-    while not (os.path.exists(os.path.join(GATES, str(x))) or
-               os.path.exists(os.path.join(GATES, "all"))):
-        if time.monotonic() > deadline:
-            raise RuntimeError("gate never opened")
-        time.sleep(0.02)
+    wait_for(lambda: os.path.exists(os.path.join(GATES, str(x))) or
+             os.path.exists(os.path.join(GATES, "all")), timeout=120,
+             message="the gate of task %s to open" % x)
     _mark("task_%s_finished" % x)
 """
 
@@ -101,7 +97,7 @@ class Console:
         self.out, self.err = [], []
         self._cursor = 0
         self._closed = False
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._readers = [threading.Thread(target=self._read, args=(stream, into), daemon=True)
                          for stream, into in ((process.stdout, self.out),
                                               (process.stderr, self.err))]
@@ -110,13 +106,10 @@ class Console:
 
     def _read(self, stream, into):
         for line in iter(stream.readline, ""):
-            with self._changed:
+            with self._lock:
                 into.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            if into is self.out:
-                self._closed = True
-            self._changed.notify_all()
+        if into is self.out:
+            self._closed = True
 
     def send(self, line):
         self.process.stdin.write(line + "\n")
@@ -125,20 +118,21 @@ class Console:
     def transcript(self):
         return "\n".join(["--- stdout"] + self.out + ["--- stderr"] + self.err)
 
-    def expect(self, pattern, timeout=30):
+    def expect(self, pattern, timeout=60):
         """The next stdout line (after earlier matches) matching pattern."""
         regex = re.compile(pattern)
         found = []
 
         def search():
-            for index in range(self._cursor, len(self.out)):
-                if regex.search(self.out[index]):
-                    self._cursor = index + 1
-                    found.append(self.out[index])
-                    return True
-            return self._closed
-        with self._changed:
-            self._changed.wait_for(search, timeout)
+            with self._lock:
+                for index in range(self._cursor, len(self.out)):
+                    if regex.search(self.out[index]):
+                        self._cursor = index + 1
+                        found.append(self.out[index])
+                        return True
+                return self._closed
+        wait_for(search, timeout=timeout, message=lambda: "a line matching %r in:\n%s"
+                 % (pattern, self.transcript()))
         assert found, "no line matching %r in:\n%s" % (pattern, self.transcript())
         return found[0]
 
@@ -239,6 +233,7 @@ def workers_that_ran(project):
 
 # -- show ----------------------------------------------------------------------
 
+@needs_gputil
 def test_show_lists_live_worker_pids_and_each_workers_own_gpu_memory(
         project, gated, fake_gpus, tmp_path):
     usage = tmp_path / "gpu_usage"
@@ -255,7 +250,7 @@ def test_show_lists_live_worker_pids_and_each_workers_own_gpu_memory(
         table, rows = console.show()
         return (table, rows) if all(own[i] in rows.get(i, ("", "", ""))[2]
                                     for i in (0, 1)) else None
-    table, rows = wait_for(table_with_gpu_memory, timeout=40, interval=0.5)
+    table, rows = wait_for(table_with_gpu_memory, interval=0.5)
 
     assert sorted(rows) == [0, 1]
     for worker_id, (pid, gpus, rest) in rows.items():
@@ -313,37 +308,6 @@ def test_quit_lets_the_running_task_finish_and_starts_no_other(project, gated):
 
 
 # -- tasks queued ahead (short tasks) -------------------------------------------
-
-RELAY = r"""
-import subprocess, sys, threading
-# A launcher that passes the protocol through both ways, logging each line
-# ("> " from the main process, "< " from the worker) in the order it passed.
-log = open(sys.argv[1], "ab", buffering=0)
-lock = threading.Lock()
-worker = subprocess.Popen(sys.argv[2:], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-def pump(source, sink, tag):
-    for line in iter(source.readline, b""):
-        with lock:
-            log.write(tag + line)
-        sink.write(line)
-        sink.flush()
-    sink.close()
-
-threading.Thread(target=pump, args=(sys.stdin.buffer, worker.stdin, b"> "), daemon=True).start()
-pump(worker.stdout, sys.stdout.buffer, b"< ")
-sys.exit(worker.wait())
-"""
-
-
-def relayed(tmp_path):
-    """Resources for one worker behind RELAY, and the protocol log's path."""
-    relay, log = tmp_path / "relay.py", tmp_path / "protocol.log"
-    relay.write_text(RELAY)
-    log.write_bytes(b"")
-    return ("NUM_WORKERS = 1\nLAUNCHER = [%r, %r, %r]\n"
-            % (sys.executable, str(relay), str(log))), log
-
 
 def test_quit_takes_back_the_task_queued_behind_the_running_one(project, gated, tmp_path):
     """After short tasks the next task is sent before the running one ends;
@@ -436,6 +400,7 @@ def test_add_starts_a_worker_that_runs_tasks(project, gated):
     assert set(workers_that_ran(project).values()) == {0, 1}
 
 
+@needs_gputil
 def test_add_takes_a_gpu_from_the_reserve(project, gated, fake_gpus):
     fake_gpus(2)
     console = gated("NUM_WORKERS = 1\nNUM_GPUS_PER_WORKER = 1\n", tasks=4)
@@ -450,6 +415,7 @@ def test_add_takes_a_gpu_from_the_reserve(project, gated, fake_gpus):
     assert len(project.successful()) == 4
 
 
+@needs_gputil
 def test_add_without_gpus_in_reserve_says_why_and_changes_nothing(project, gated, fake_gpus):
     fake_gpus(2)
     console = gated("NUM_WORKERS = 2\nNUM_GPUS_PER_WORKER = 1\n", tasks=4)
@@ -486,6 +452,7 @@ def test_remove_runs_after_each_worker_and_the_worker_takes_no_further_task(proj
     assert state(project, "worker_0_finished") is not None
 
 
+@needs_gputil
 def test_a_removed_workers_gpu_goes_back_to_the_reserve(project, gated, fake_gpus):
     fake_gpus(2)
     console = gated("NUM_WORKERS = 2\nNUM_GPUS_PER_WORKER = 1\n", tasks=6)
@@ -559,7 +526,7 @@ def test_status_from_another_process_prints_the_show_table(project, gated):
         except (OSError, ValueError, KeyError):
             return None
         return text if text.count("busy") == 2 else None
-    wait_for(status_with_both_busy, timeout=40, interval=0.2)
+    wait_for(status_with_both_busy, interval=0.2)
 
     result = project.run(subcommand="status")
     assert result.returncode == 0, result.stderr
@@ -618,4 +585,4 @@ def test_second_ctrl_c_ends_running_tasks_as_interrupted(project, gated):
     assert not any(state(project, "task_%d_finished" % x) for x in running)
     assert sorted(started_tasks(project)) == running
     assert state(project, "after_all_tasks") is not None
-    wait_for(lambda: not processes_of(project.dir), timeout=20)
+    assert_no_processes_left(project.dir)

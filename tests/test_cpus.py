@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from conftest import TASK_IMPORTS_WAIT_FOR, read_until
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
                     "NUMBA_NUM_THREADS")
@@ -77,16 +79,15 @@ def test_slurm_cpus_on_this_node_bound_the_share(project):
 @pytest.mark.skipif(len(CORES) < 2, reason="pinning two workers apart needs two cores")
 def test_pin_cpus_gives_each_worker_cores_of_its_own(project):
     # Each task waits until both workers hold one, so both are seen.
-    project.write(task="""
-import json, os, time
+    project.write(task=TASK_IMPORTS_WAIT_FOR + """
+import json, os
 
 def task_method(variables, task_folder, log_file):
     here = os.path.join(os.path.dirname(task_folder), "workers")
     os.makedirs(here, exist_ok=True)
     open(os.path.join(here, str(os.getpid())), "w").close()
-    deadline = time.monotonic() + 60
-    while len(os.listdir(here)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: len(os.listdir(here)) >= 2, timeout=120,
+             message="both workers to hold a task")
     with open(os.path.join(task_folder, "result.json"), "w") as stream:
         json.dump({"cores": sorted(os.sched_getaffinity(0)),
                    "told": os.environ.get("THREADWARD_CPUS")}, stream)
@@ -108,15 +109,22 @@ def test_dry_run_and_show_say_the_share(project):
     assert result.returncode == 0, result.stderr
     assert "CPU: 1 CPU thread per worker, each pinned to cores of its own" in result.stdout
     assert "worker 0: CUDA_VISIBLE_DEVICES=\"\", cores %d" % CORES[0] in result.stdout
-    project.write(task="""
-import time
+    gate = os.path.join(project.dir, "gate")   # the tasks run until `show` has answered
+    project.write(task=TASK_IMPORTS_WAIT_FOR + """
+import os
 def task_method(variables, task_folder, log_file):
-    time.sleep(0.3)
-""", resources="NUM_WORKERS = 2\n")
-    result = project.run(input="show\n")
-    assert result.returncode == 0, result.stderr
-    assert "CPU: %d CPU thread" % max(1, len(CORES) // 2) in result.stdout
-    assert "CPUS_PER_WORKER sets it" in result.stdout
+    wait_for(lambda: os.path.exists(%r), timeout=120, message="the test to open the gate")
+""" % gate, resources="NUM_WORKERS = 2\n")
+    run = project.start()
+    try:
+        run.stdin.write("show\n")
+        run.stdin.flush()
+        seen = read_until(run.stdout, "CPUS_PER_WORKER sets it")
+    finally:
+        open(gate, "w").close()
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, seen + out + err
+    assert "CPU: %d CPU thread" % max(1, len(CORES) // 2) in seen
 
 
 @pytest.mark.parametrize("setting, message", [

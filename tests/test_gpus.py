@@ -12,7 +12,7 @@ import types
 import pytest
 
 import threadward
-from conftest import FAKE_BIN
+from conftest import FAKE_BIN, needs_gputil
 
 
 def uuid(index):
@@ -113,6 +113,7 @@ def names_gpus(message, indices):
 
 # -- allocation ---------------------------------------------------------------
 
+@needs_gputil
 def test_half_a_gpu_per_worker_puts_two_workers_on_each_gpu(project, fake_gpus):
     fake_gpus(4)
     gpu_project(project, """
@@ -125,6 +126,7 @@ NUM_GPUS_PER_WORKER = 0.5
     assert visible(project) == ["0", "0", "1", "1"]
 
 
+@needs_gputil
 @pytest.mark.parametrize("fraction, workers, expected", [
     ("1/3", 3, ["0", "0", "0"]),
     ("0.25", 5, ["0", "0", "0", "0", "1"]),
@@ -140,6 +142,7 @@ def test_one_over_k_written_as_a_float_is_accepted(project, fake_gpus, fraction,
     assert sorted(gpus for _, gpus in listed) == expected
 
 
+@needs_gputil
 def test_two_gpus_per_worker_are_distinct_pairs(project, fake_gpus):
     fake_gpus(4)
     gpu_project(project, """
@@ -165,6 +168,7 @@ NUM_GPUS_PER_WORKER = 0
     assert all(view["CUDA_VISIBLE_DEVICES"] == "" for view in task_views(project))
 
 
+@needs_gputil
 @pytest.mark.parametrize("avoid", ['["0", "2"]', '[0, "2"]'])
 def test_avoid_gpus_are_never_handed_out(project, fake_gpus, avoid):
     fake_gpus(4)
@@ -178,6 +182,7 @@ AVOID_GPUS = %s
     assert visible(project) == ["1", "3"]
 
 
+@needs_gputil
 @pytest.mark.parametrize("include", ['["3", "1"]', "[3, 1]"])
 def test_include_gpus_are_the_only_ones_handed_out(project, fake_gpus, include):
     fake_gpus(4)
@@ -191,6 +196,7 @@ INCLUDE_GPUS = %s
     assert visible(project) == ["1", "3"]
 
 
+@needs_gputil
 def test_dry_run_lists_each_workers_gpus_and_the_reserve(project, fake_gpus):
     fake_gpus(4)
     gpu_project(project, """
@@ -237,6 +243,7 @@ IMPOSSIBLE = {
 }
 
 
+@needs_gputil
 @pytest.mark.parametrize("case", sorted(IMPOSSIBLE))
 def test_impossible_gpu_request_is_an_error_before_anything_runs(project, fake_gpus, case):
     resources, asked = IMPOSSIBLE[case]
@@ -264,6 +271,7 @@ def test_fraction_that_is_not_one_over_k_is_an_error(project, fake_gpus, fractio
 
 # -- a CUDA_VISIBLE_DEVICES set on the main process (Slurm) ---------------------
 
+@needs_gputil
 def test_parent_cuda_visible_devices_numbers_bound_the_choice(project, fake_gpus):
     fake_gpus(4)
     gpu_project(project, "NUM_WORKERS = 2\nNUM_GPUS_PER_WORKER = 1\n")
@@ -272,6 +280,7 @@ def test_parent_cuda_visible_devices_numbers_bound_the_choice(project, fake_gpus
     assert visible(project) == ["2", "3"]
 
 
+@needs_gputil
 def test_parent_cuda_visible_devices_too_small_is_an_error(project, fake_gpus):
     fake_gpus(4)
     gpu_project(project, "NUM_WORKERS = 3\nNUM_GPUS_PER_WORKER = 1\n")
@@ -281,6 +290,7 @@ def test_parent_cuda_visible_devices_too_small_is_an_error(project, fake_gpus):
     assert names_gpus(result.stderr, [2, 3]), result.stderr
 
 
+@needs_gputil
 def test_parent_cuda_visible_devices_uuids_give_workers_uuids(project, fake_gpus):
     fake_gpus(4)
     gpu_project(project, "NUM_WORKERS = 4\nNUM_GPUS_PER_WORKER = 0.5\n")
@@ -289,6 +299,7 @@ def test_parent_cuda_visible_devices_uuids_give_workers_uuids(project, fake_gpus
     assert visible(project) == sorted([uuid(1), uuid(1), uuid(3), uuid(3)])
 
 
+@needs_gputil
 def test_parent_cuda_visible_devices_unknown_uuid_is_an_error(project, fake_gpus):
     fake_gpus(2)
     gpu_project(project, "NUM_WORKERS = 1\nNUM_GPUS_PER_WORKER = 1\n")
@@ -299,6 +310,7 @@ def test_parent_cuda_visible_devices_unknown_uuid_is_an_error(project, fake_gpus
 
 # -- no GPUs to be had ------------------------------------------------------------
 
+@needs_gputil
 def test_without_nvidia_smi_a_gpu_sweep_fails_clearly_and_a_cpu_sweep_runs(project, tmp_path):
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()

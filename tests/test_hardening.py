@@ -8,9 +8,10 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
-from conftest import wait_for
+from conftest import TASK_IMPORTS_WAIT_FOR, read_until, relayed, wait_for
 
 RANGE = """
 def setup_variable_set(variable_set):
@@ -18,25 +19,30 @@ def setup_variable_set(variable_set):
 """
 
 
-MARKED = """
-import os, time
+# A task that marks itself started, then waits for the test to create ``gate``.
+MARKED = TASK_IMPORTS_WAIT_FOR + """
+import os
 %s
 
 def task_method(variables, task_folder, log_file):
     open(%r, "a").close()
-    time.sleep(%s)
+    wait_for(lambda: os.path.exists(%r), timeout=120, message="the test to open the gate")
 """
 
 
-def signalled(project, started, signum, settings="", seconds=1.0):
-    """Run 4 tasks on one worker; send ``signum`` once the first has started."""
-    project.write(task=MARKED % (settings, str(started), seconds), variables=RANGE % 5,
+def signalled(project, started, signum, settings=""):
+    """Run 4 tasks on one worker; send ``signum`` once the first has started,
+    and let the tasks end once the run has said it saw the signal."""
+    gate = started.parent / "gate"
+    project.write(task=MARKED % (settings, str(started), str(gate)), variables=RANGE % 5,
                   resources="NUM_WORKERS = 1\n")
     run = project.start()
     wait_for(started.exists)
     run.send_signal(signum)
+    seen = read_until(run.stdout, "%s: no new tasks" % signal.Signals(signum).name)
+    gate.touch()
     out, err = run.communicate(timeout=60)
-    return run.returncode, out, err
+    return run.returncode, seen + out, err
 
 
 def with_file_limit(project, limit):
@@ -95,7 +101,7 @@ def test_nan_is_a_configuration_error(project, name):
 
 
 def test_infinite_sigterm_grace_lets_running_tasks_finish(project, tmp_path):
-    code, out, err = signalled(project, tmp_path / "started", signal.SIGTERM, seconds=1.5,
+    code, out, err = signalled(project, tmp_path / "started", signal.SIGTERM,
                                settings='SIGTERM_GRACE = TASK_TIMEOUT = float("inf")')
     assert code == 1, out + err
     assert "running tasks may take as long as they need" in out
@@ -163,9 +169,12 @@ def test_sighup_is_handled_like_sigterm(project, tmp_path):
 
 def test_sighup_after_the_terminal_is_gone_still_finishes_and_records(project, tmp_path):
     """The terminal closed: writing to it fails; the run goes on quietly."""
-    started = tmp_path / "started"
-    project.write(task=MARKED % ("", str(started), 1.0), variables=RANGE % 5,
-                  resources="NUM_WORKERS = 1\n")
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    # The worker behind a relay that logs the protocol: the CANCEL the run
+    # sends its worker on SIGHUP shows that it acted on it (it cannot say so).
+    resources, protocol = relayed(tmp_path)
+    project.write(task=MARKED % ("", str(started), str(gate)), variables=RANGE % 5,
+                  resources=resources)
     read_end, write_end = os.pipe()
     run = subprocess.Popen(project.command(), stdin=subprocess.DEVNULL, stdout=write_end,
                            stderr=write_end, env=project.env())
@@ -173,6 +182,9 @@ def test_sighup_after_the_terminal_is_gone_still_finishes_and_records(project, t
     wait_for(started.exists)
     os.close(read_end)   # the terminal is gone: writes now fail (EPIPE)
     run.send_signal(signal.SIGHUP)
+    wait_for(lambda: b"> CANCEL\n" in protocol.read_bytes(),
+             message="the run to take back what its worker has not started")
+    gate.touch()
     assert run.wait(timeout=60) == 1
     assert project.successful() == ["1"] and project.failed() == {}
     summary = os.path.join(project.queue, "status.json")
@@ -198,15 +210,14 @@ def test_status_after_the_run_prints_no_empty_worker_table(project):
     assert "PID" not in status.stdout, status.stdout
 
 
-SLOW = """
-import os, time
+SLOW = TASK_IMPORTS_WAIT_FOR + """
+import os
 
 def task_method(variables, task_folder, log_file):
     open(os.path.join(os.path.dirname(task_folder), "started"), "a").close()
-    deadline = time.monotonic() + 120   # a failed test must not leave a run behind
-    while not os.path.exists(os.path.join(os.path.dirname(task_folder), "go")) and \
-            time.monotonic() < deadline:
-        time.sleep(0.02)
+    # bounded, so that a failed test does not leave a run behind
+    wait_for(lambda: os.path.exists(os.path.join(os.path.dirname(task_folder), "go")),
+             timeout=120, message="the test to create task_outputs/go")
 """
 
 
@@ -419,16 +430,23 @@ def test_the_template_comment_names_a_folder_the_demo_makes(tmp_path):
 
 
 def test_sighup_under_nohup_is_still_ignored(project, tmp_path):
-    started = tmp_path / "started"
-    project.write(task=MARKED % ("", str(started), 0.5), variables=RANGE % 4,
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    project.write(task=MARKED % ("", str(started), str(gate)), variables=RANGE % 4,
                   resources="NUM_WORKERS = 1\n")
     run = subprocess.Popen(project.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, universal_newlines=True, env=project.env(),
                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     wait_for(started.exists)
     run.send_signal(signal.SIGHUP)
+    # The run acts on signals in the order they came: once it has shown the
+    # table SIGUSR1 asks for, a SIGHUP it would act on has been acted on.
+    run.send_signal(signal.SIGUSR1)
+    seen = read_until(run.stdout, "elapsed")
+    gate.touch()
     out, err = run.communicate(timeout=60)
+    out = seen + out
     assert run.returncode == 0, out + err
+    assert "SIGHUP" not in out
     assert sorted(project.successful()) == ["1", "2", "3"]
 
 
@@ -458,13 +476,16 @@ import subprocess
 
 def on_task_success(variables, task_folder, log_file):
     if variables["x"] == 1:
-        p = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        # not on the run's stdout/stderr: project.run() would wait for it to close them
+        p = subprocess.Popen(["sleep", "600"], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         open(%r, "w").write(str(p.pid))
 """ % str(pid_file))
     result = project.run()
-    assert result.returncode == 0, result.stdout + result.stderr
     pid = int(pid_file.read_text())
     try:
-        os.kill(pid, 0)   # still there after every worker has exited
+        assert result.returncode == 0, result.stdout + result.stderr
+        # still there after every worker and the main process have exited
+        assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     finally:
         os.kill(pid, signal.SIGKILL)

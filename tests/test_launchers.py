@@ -30,7 +30,7 @@ import subprocess
 
 import pytest
 
-from conftest import processes_of, wait_for
+from conftest import TASK_IMPORTS_WAIT_FOR, needs_gputil, processes_of, wait_for
 
 SLURM = os.environ.get("THREADWARD_TEST_SLURM") == "1" and bool(os.environ.get("SLURM_CONF"))
 SSH_OPTIONS = shlex.split(os.environ.get("THREADWARD_TEST_SSH", ""))
@@ -47,17 +47,11 @@ needs_ssh_client = pytest.mark.skipif(shutil.which("ssh") is None,
 SEEN = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_STEP_GPUS",
         "TW_LAUNCHED", "TW_GPUS")
 
-TASK = """
-import json, os, socket, time
+TASK = TASK_IMPORTS_WAIT_FOR + """
+import json, os, socket
 import mylib   # the project's own code: workers run in the project, with it on sys.path
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _wait(predicate, seconds):
-    deadline = time.time() + seconds
-    while not predicate() and time.time() < deadline:
-        time.sleep(0.05)
 
 
 def task_method(variables, task_folder, log_file):
@@ -68,9 +62,11 @@ def task_method(variables, task_folder, log_file):
     started = os.path.join(HERE, "started")
     os.makedirs(started, exist_ok=True)
     open(os.path.join(started, str(variables["x"])), "w").close()
-    _wait(lambda: len(os.listdir(started)) >= 2, 30)
+    wait_for(lambda: len(os.listdir(started)) >= 2, timeout=120,
+             message="a second task to start")
     if os.path.exists(os.path.join(HERE, "hold")):
-        _wait(lambda: os.path.exists(os.path.join(HERE, "release")), 120)
+        wait_for(lambda: os.path.exists(os.path.join(HERE, "release")), timeout=300,
+                 message="the test to create DIR/release")
 """ % (SEEN,)
 
 
@@ -168,6 +164,7 @@ def test_command_prefix_launcher_runs_each_worker_through_it(project):
     assert all(r["cwd"] == project.dir and r["mylib"] == 42 for r in records.values())
 
 
+@needs_gputil
 def test_command_prefix_launcher_gets_each_workers_gpus(project, fake_gpus):
     fake_gpus(2)
     sweep(project, 'LAUNCHER = ["env", "TW_LAUNCHED={worker_id}", "TW_GPUS={gpus}"]\n'
@@ -364,10 +361,10 @@ def test_main_process_killed_leaves_no_worker_or_step(project, cluster, launcher
         def nothing_left():
             return not processes_of(project.dir) and not (jobs and live_jobs_and_steps(jobs))
         try:
-            wait_for(nothing_left, timeout=15, interval=0.2)
+            wait_for(nothing_left, timeout=60, interval=0.2)
         except AssertionError:
             left = processes_of(project.dir)
-            message = "15 s after the main process was killed: processes %s, Slurm %s" % (
+            message = "60 s after the main process was killed: processes %s, Slurm %s" % (
                 [p.info["cmdline"] for p in left], jobs and live_jobs_and_steps(jobs))
             for leftover in left:        # do not let them spoil the following tests
                 try:

@@ -1,11 +1,14 @@
 """The main loop's timing and input handling (regressions found in review)."""
 
 import itertools
+import os
+import re
 import selectors
 import subprocess
 import time
 
 import threadward
+from conftest import TASK_IMPORTS_WAIT_FOR, read_until
 
 
 def test_loop_sleeps_when_no_task_has_finished_for_a_long_time(project):
@@ -60,19 +63,37 @@ LAUNCHER = ["sh", "-c", 'echo null; echo 42; echo "Welcome to node1"; exec "$@"'
     assert "not a protocol message" in result.stderr
 
 
-def test_a_last_console_command_without_newline_is_obeyed(project):
-    project.write(task="""
-import time
+def test_a_last_console_command_without_newline_is_obeyed(project, tmp_path):
+    gate = tmp_path / "gate"    # opened once the run has said it quit
+    project.write(task=TASK_IMPORTS_WAIT_FOR + """
+import os
 def task_method(variables, task_folder, log_file):
-    time.sleep(0.3)
-""", variables="""
+    wait_for(lambda: os.path.exists(%r), timeout=120, message="the test to open the gate")
+""" % str(gate), variables="""
 def setup_variable_set(variable_set):
     variable_set.add_variable(name="x", values=list(range(20)))
 """, resources="NUM_WORKERS = 1\n")
-    result = project.run(input="q")
-    assert result.returncode == 1, result.stdout
-    assert "quit: no new tasks" in result.stdout
-    assert len(project.successful()) < 20
+    commands, feed = os.pipe()           # "q", no newline, then end of input
+    os.write(feed, b"q")
+    os.close(feed)
+    run = subprocess.Popen(project.command(), stdin=commands, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, env=project.env())
+    os.close(commands)
+    try:
+        seen = read_until(run.stdout, "then teardown\n")
+        gate.touch()
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    out = seen + out
+    assert run.returncode == 1, out + err
+    running = int(re.search(r"^quit: no new tasks; waiting for (\d+) running task\(s\)",
+                            out, re.M).group(1))
+    assert running <= 1, out
+    assert project.successful() == ["0"][:running]     # no task started after the quit
+    assert "%d not run" % (20 - running) in out
 
 
 def asks_of(scheduler, free, holding=False):

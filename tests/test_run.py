@@ -12,6 +12,8 @@ import os
 
 import pytest
 
+from conftest import TASK_IMPORTS_WAIT_FOR, Project, assert_no_processes_left
+
 
 # --------------------------------------------------------------------------
 # helpers
@@ -163,87 +165,174 @@ def check_release_before_load(events, variable):
             held.remove(name)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_seed_example_sweep(project, workers):
-    project.write(task=source(project, SEED_TASK), variables=source(project, SEED_VARIABLES),
-                  resources=resources(workers))
-    result = project.run()
-    assert result.returncode == 0, console(result)
-    expected = seed_example_tasks()
-    assert len(expected) == 81
+class Sweep(object):
+    """One run of the seed's example sweep, shared by the tests below."""
 
-    # all_tasks.json: one entry per task, in generation order, with the schema
-    entries = project.all_tasks()
+    def __init__(self, project, workers):
+        self.project, self.workers = project, workers
+        project.write(task=source(project, SEED_TASK),
+                      variables=source(project, SEED_VARIABLES), resources=resources(workers))
+        self.result = project.run()
+        assert_no_processes_left(project.dir)
+        self.expected = seed_example_tasks()
+        self.events = read_events(project)
+        self.tasks = [event for event in self.events if event[1] == "task"]
+        self.worker_pids = {event[0] for event in self.tasks}
+
+    def converted(self, variable, pid=None):
+        """The values converted for ``variable`` (by ``pid``), in order."""
+        return [event[3] for event in self.events if event[1] == "convert" and
+                event[2] == variable and pid in (None, event[0])]
+
+
+@pytest.fixture(scope="module")
+def seed_sweeps(tmp_path_factory):
+    """sweep(workers): the seed sweep run once per worker count for the module."""
+    made = {}
+
+    def sweep(workers):
+        if workers not in made:
+            made[workers] = Sweep(Project(tmp_path_factory.mktemp("seed%d" % workers)), workers)
+        return made[workers]
+    return sweep
+
+
+@pytest.fixture(params=[1, 2], ids=["1 worker", "2 workers"])
+def sweep(request, seed_sweeps):
+    return seed_sweeps(request.param)
+
+
+@pytest.fixture
+def one_worker_sweep(seed_sweeps):
+    return seed_sweeps(1)
+
+
+def test_seed_sweep_has_81_tasks():
+    assert len(seed_example_tasks()) == 3 * (1 + 2) * 9 == 81
+
+
+def test_seed_sweep_succeeds(sweep):
+    assert sweep.result.returncode == 0, console(sweep.result)
+    assert sweep.project.failed() == {}
+
+
+def test_seed_sweep_runs_every_task_exactly_once(sweep):
+    assert sorted(sweep.project.successful()) == sorted(task_id for task_id, _ in sweep.expected)
+    assert len(sweep.tasks) == 81
+    ran = sorted("%s %s %s %s" % tuple(event[2:6]) for event in sweep.tasks)
+    assert len(set(ran)) == 81
+
+
+def test_seed_sweep_lists_the_tasks_in_generation_order(sweep):
+    entries = sweep.project.all_tasks()
     assert isinstance(entries, list)
-    assert [entry["task_id"] for entry in entries] == [task_id for task_id, _ in expected]
-    for entry, (task_id, variables) in zip(entries, expected):
+    assert [entry["task_id"] for entry in entries] == \
+        [task_id for task_id, _ in sweep.expected]
+
+
+def test_seed_sweep_task_list_entries_have_the_schema(sweep):
+    for entry in sweep.project.all_tasks():
         assert set(entry) == {"task_id", "task_folder", "variables"}
-        folder = os.path.normpath(os.path.join(project.dir, entry["task_folder"]))
-        assert folder == os.path.normpath(os.path.join(project.outputs, *task_id.split("/")))
         assert list(entry["variables"]) == ["model", "dataset", "test_set", "seed"]
+        for stored in entry["variables"].values():
+            assert set(stored) == {"value", "nickname"}
+
+
+def test_seed_sweep_task_list_has_each_tasks_folder(sweep):
+    project = sweep.project
+    for entry in project.all_tasks():
+        folder = os.path.normpath(os.path.join(project.dir, entry["task_folder"]))
+        assert folder == os.path.normpath(os.path.join(project.outputs,
+                                                       *entry["task_id"].split("/")))
+
+
+def test_seed_sweep_task_list_keeps_values_with_their_types_and_nicknames(sweep):
+    for entry, (task_id, variables) in zip(sweep.project.all_tasks(), sweep.expected):
         for name, (value, nickname) in variables.items():
             stored = entry["variables"][name]
-            assert set(stored) == {"value", "nickname"}
-            assert stored["value"] == value and type(stored["value"]) is type(value)
-            assert str(stored["nickname"]) == nickname
+            assert stored["value"] == value and type(stored["value"]) is type(value), \
+                (task_id, name, stored)
+            assert str(stored["nickname"]) == nickname, (task_id, name, stored)
 
-    # every task ran once and succeeded, in its own folder
-    assert sorted(project.successful()) == sorted(task_id for task_id, _ in expected)
-    assert project.failed() == {}
-    assert sorted(os.listdir(project.outputs)) == ["BERT", "GPT2", "Llama3.1"]
-    assert sorted(os.listdir(os.path.join(project.outputs, "GPT2"))) == \
-        ["FinalEmotions", "HappyGoLucky"]
-    assert os.listdir(os.path.join(project.outputs, "BERT", "HappyGoLucky")) == ["test"]
-    assert sorted(os.listdir(os.path.join(project.outputs, "Llama3.1", "FinalEmotions"))) == \
+
+def test_seed_sweep_folders_nest_by_nickname_leaving_out_exceptions(sweep):
+    outputs = sweep.project.outputs
+    assert sorted(os.listdir(outputs)) == ["BERT", "GPT2", "Llama3.1"]
+    assert sorted(os.listdir(os.path.join(outputs, "GPT2"))) == ["FinalEmotions", "HappyGoLucky"]
+    assert os.listdir(os.path.join(outputs, "BERT", "HappyGoLucky")) == ["test"]
+    assert sorted(os.listdir(os.path.join(outputs, "Llama3.1", "FinalEmotions"))) == \
         ["dev", "test"]
-    assert sorted(os.listdir(os.path.join(project.outputs, "GPT2", "HappyGoLucky", "test"))) \
-        == [str(n) for n in range(9)]
+    assert sorted(os.listdir(os.path.join(outputs, "GPT2", "HappyGoLucky", "test"))) == \
+        [str(n) for n in range(9)]
 
-    # what the task received: converters' return values, JSON scalars with their types
-    for task_id, variables in expected:
-        received = json.loads(project.output(*(task_id.split("/") + ["result.json"])))
+
+def test_seed_sweep_tasks_get_the_converters_return_values(sweep):
+    for task_id, variables in sweep.expected:
+        received = json.loads(sweep.project.output(*(task_id.split("/") + ["result.json"])))
         model, model_nick = variables["model"]
         dataset = variables["dataset"][0]
         assert received["model"] == ["Model", model, model_nick]
         assert received["dataset"] == {"dataset": dataset, "nickname": dataset,
                                        "rows": len(dataset)}
+        assert received["names"] == ["dataset", "model", "seed", "test_set"]
+
+
+def test_seed_sweep_tasks_get_unconverted_values_with_their_types(sweep):
+    for task_id, variables in sweep.expected:
+        received = json.loads(sweep.project.output(*(task_id.split("/") + ["result.json"])))
         assert received["test_set"] == ["str", variables["test_set"][0]]
         assert received["seed"] == ["int", variables["seed"][0]]
-        assert received["names"] == ["dataset", "model", "seed", "test_set"]
-        assert "evaluated %s %s" % (model, dataset) in project.log(task_id)
 
-    # converters run in the workers, only when the value changes for that worker
-    events = read_events(project)
-    tasks = [event for event in events if event[1] == "task"]
-    assert len(tasks) == 81
-    worker_pids = {event[0] for event in tasks}
-    assert 1 <= len(worker_pids) <= workers
-    converting = {event[0] for event in events if event[1] == "convert"}
-    assert converting <= worker_pids
-    for pid in worker_pids:
-        mine = [event for event in tasks if event[0] == pid]
+
+def test_seed_sweep_task_output_goes_to_its_log(sweep):
+    for task_id, variables in sweep.expected:
+        assert "evaluated %s %s %s %s" % (variables["model"][0], variables["dataset"][0],
+                                          variables["test_set"][0], variables["seed"][0]) \
+            in sweep.project.log(task_id)
+
+
+def test_seed_sweep_runs_on_at_most_num_workers_processes(sweep):
+    assert 1 <= len(sweep.worker_pids) <= sweep.workers
+
+
+def test_seed_sweep_converters_run_in_the_workers(sweep):
+    converting = {event[0] for event in sweep.events if event[1] == "convert"}
+    assert converting and converting <= sweep.worker_pids
+
+
+def test_seed_sweep_converters_run_only_when_the_value_changes_for_that_worker(sweep):
+    for pid in sweep.worker_pids:
+        mine = [event for event in sweep.tasks if event[0] == pid]
         for position, variable in ((2, "model"), (3, "dataset")):
-            converted = [event[3] for event in events
-                         if event[0] == pid and event[1] == "convert" and event[2] == variable]
+            converted = sweep.converted(variable, pid)
             assert converted == run_lengths([event[position] for event in mine]), \
                 "worker %s converted %s values %r" % (pid, variable, converted)
-    check_release_before_load(events, "model")
-    if workers == 1:
-        converted = [event[3] for event in events if event[1] == "convert" and
-                     event[2] == "model"]
-        assert converted == [model for model, _ in MODELS]
-        datasets = [event[3] for event in events if event[1] == "convert" and
-                    event[2] == "dataset"]
-        assert datasets == ["HappyGoLucky", "FinalEmotions"] * 3
-        model_events = [event[1:4] for event in events if event[2] == "model"]
-        assert model_events[:8] == [
-            ["convert", "model", "gpt2"], ["load", "model", "gpt2"],
-            ["del", "model", "gpt2"],
-            ["convert", "model", "google-bert/bert-base-uncased"],
-            ["load", "model", "google-bert/bert-base-uncased"],
-            ["del", "model", "google-bert/bert-base-uncased"],
-            ["convert", "model", "meta-llama/Llama-3.1-8B"],
-            ["load", "model", "meta-llama/Llama-3.1-8B"]]
+
+
+def test_seed_sweep_releases_the_old_model_before_converting_the_next(sweep):
+    check_release_before_load(sweep.events, "model")
+
+
+def test_seed_sweep_on_one_worker_converts_each_model_once_in_order(one_worker_sweep):
+    assert one_worker_sweep.converted("model") == [model for model, _ in MODELS]
+
+
+def test_seed_sweep_on_one_worker_converts_the_dataset_again_for_each_model(one_worker_sweep):
+    assert one_worker_sweep.converted("dataset") == ["HappyGoLucky", "FinalEmotions"] * 3
+
+
+def test_seed_sweep_on_one_worker_deletes_each_model_before_the_next_loads(one_worker_sweep):
+    """... and the last one when the worker leaves."""
+    model_events = [event[1:4] for event in one_worker_sweep.events if event[2] == "model"]
+    assert model_events == [
+        ["convert", "model", "gpt2"], ["load", "model", "gpt2"],
+        ["del", "model", "gpt2"],
+        ["convert", "model", "google-bert/bert-base-uncased"],
+        ["load", "model", "google-bert/bert-base-uncased"],
+        ["del", "model", "google-bert/bert-base-uncased"],
+        ["convert", "model", "meta-llama/Llama-3.1-8B"],
+        ["load", "model", "meta-llama/Llama-3.1-8B"],
+        ["del", "model", "meta-llama/Llama-3.1-8B"]]
 
 
 RETENTION_TASK = """
@@ -670,18 +759,16 @@ def test_reruns(project):
 # retention scheduling, seen from outside
 # --------------------------------------------------------------------------
 
-SPREAD_TASK = """
+SPREAD_TASK = TASK_IMPORTS_WAIT_FOR + """
 import glob
-import time
 
 
 def task_method(variables, task_folder, log_file):
     # Wait (bounded) until both workers hold a task, so that one worker
     # cannot finish everything before the other asks for work.
     open(_os.path.join(@DIR@, "busy-%d" % _os.getpid()), "w").close()
-    deadline = time.time() + 30
-    while time.time() < deadline and len(glob.glob(_os.path.join(@DIR@, "busy-*"))) < 2:
-        time.sleep(0.01)
+    wait_for(lambda: len(glob.glob(_os.path.join(@DIR@, "busy-*"))) >= 2, timeout=120,
+             message="both workers to hold a task")
     _log(_os.getpid(), variables["model"], variables["seed"])
 """
 
@@ -712,7 +799,7 @@ def test_fresh_workers_start_on_different_top_level_values(project):
     assert loads <= 3, events
 
 
-WAIT_TASK = """
+WAIT_TASK = TASK_IMPORTS_WAIT_FOR + """
 import time
 
 DONE = _os.path.join(@DIR@, "big-done")
@@ -727,10 +814,8 @@ def task_method(variables, task_folder, log_file):
         return
     # "small" ends only once "big" has measured tasks (bounded wait), so the
     # scheduler knows what is left there when "small" runs out
-    deadline = time.time() + 30
-    while time.time() < deadline and (
-            not _os.path.exists(DONE) or _os.path.getsize(DONE) < 8):
-        time.sleep(0.01)
+    wait_for(lambda: _os.path.exists(DONE) and _os.path.getsize(DONE) >= 8, timeout=120,
+             message="8 tasks of 'big' to end")
 """
 
 WAIT_VARIABLES = """

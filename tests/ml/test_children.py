@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import processes_of, wait_for
+from conftest import assert_no_processes_left, read_until, wait_for
 from workloads import alive, check_succeeded, kill_run, logs, need_libraries, results
 
 need_libraries()
@@ -166,7 +166,8 @@ def setup_variable_set(variable_set):
     assert project.failed() == {"1": "timeout"}
     pids = stray_pids(project)
     assert len(pids) == 2
-    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=30)
+    wait_for(lambda: not any(alive(pid) for pid in pids),
+             message="the processes %s to end" % pids)
 
 
 def test_strays_of_a_worker_that_crashes_are_ended(project):
@@ -182,7 +183,8 @@ def setup_variable_set(variable_set):
     assert project.successful() == ["2"]
     pids = stray_pids(project)
     assert len(pids) == 4
-    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=30)
+    wait_for(lambda: not any(alive(pid) for pid in pids),
+             message="the processes %s to end" % pids)
 
 
 def test_main_process_killed_leaves_no_stray_and_no_pool(project):
@@ -205,17 +207,22 @@ def pool_to_value(string_value, nickname):
         pids = stray_pids(project) + __import__("json").load(stream)
     assert len(pids) == 4
     kill_run(run)
-    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=30)
-    wait_for(lambda: not processes_of(project.dir), timeout=30)
+    wait_for(lambda: not any(alive(pid) for pid in pids),
+             message="the processes %s to end" % pids)
+    assert_no_processes_left(project.dir)
 
 
 def stop_and_time(project, run, signals, started_file):
-    """Send ``signals`` to a run once ``started_file`` exists; the seconds until it ends."""
-    wait_for(lambda: os.path.exists(started_file), timeout=120)
+    """Send ``signals`` to a run once ``started_file`` exists; the seconds until it ends.
+    A Ctrl-C followed by another is sent only once the run has said it saw
+    it (two pending SIGINTs would merge into one)."""
+    wait_for(lambda: os.path.exists(started_file), timeout=120,
+             message="%s to be created" % started_file)
     began = time.monotonic()
-    for signum in signals:
+    for number, signum in enumerate(signals):
         run.send_signal(signum)
-        time.sleep(0.5)
+        if signum == signal.SIGINT and number + 1 < len(signals):
+            read_until(run.stdout, "press Ctrl-C again")
     run.communicate(timeout=120)
     return time.monotonic() - began
 
@@ -247,7 +254,7 @@ def task_method(variables, task_folder, log_file):
     assert project.failed() == {"1": "interrupted"}
     # Grace (1 s) + SIGTERM to SIGKILL (5 s) + the exit: well under a minute.
     assert seconds < 60, seconds
-    wait_for(lambda: not processes_of(project.dir), timeout=30)
+    assert_no_processes_left(project.dir)
 
 
 def test_a_hung_converter_that_ignores_sigterm_is_ended_by_a_second_ctrl_c(project):
@@ -272,7 +279,7 @@ def task_method(variables, task_folder, log_file):
     assert run.returncode == 1
     assert project.failed() == {"m/1": "interrupted"}
     assert seconds < 60, seconds
-    wait_for(lambda: not processes_of(project.dir), timeout=30)
+    assert_no_processes_left(project.dir)
 
 
 @pytest.mark.parametrize("started_by", ["task_method", "before_each_worker"])
@@ -416,4 +423,4 @@ def task_method(variables, task_folder, log_file):
     check_succeeded(project, result, 4)
     seen = results(project)
     assert seen["a/1"] == seen["a/2"] and seen["b/1"] == seen["b/2"]
-    wait_for(lambda: not any(alive(pid) for pid in stray_pids(project)), timeout=30)
+    wait_for(lambda: not any(alive(pid) for pid in stray_pids(project)))
