@@ -1863,6 +1863,10 @@ class _Project:
             raise ConfigError("setup_variable_set added no variables; call "
                               "variable_set.add_variable(name=..., values=[...])",
                               _display_path(path))
+        # A converter that is not a function would be skipped, and every task
+        # would get the raw value without a word.
+        _check_hooks(self.variable_module, path,
+                     [variable.name + "_to_value" for variable in variable_set.variables])
         return variable_set
 
     def converters(self):
