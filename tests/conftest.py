@@ -159,6 +159,24 @@ def read_until(stream, text, timeout=60):
     return seen.decode()
 
 
+def run_until(project, stdin, text, gate):
+    """Run the project with ``stdin`` (a file or fd), wait until it has
+    printed ``text``, then touch ``gate`` (a pathlib.Path its tasks wait
+    for) and let it finish: a CompletedProcess with all of its output."""
+    process = subprocess.Popen(project.command(), stdin=stdin, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, universal_newlines=True,
+                               env=project.env())
+    try:
+        seen = read_until(process.stdout, text)
+        gate.touch()
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, seen + out, err)
+
+
 # Task code runs in threadward's workers, not under pytest, but on this same
 # interpreter: this line (put at the top of a task file) gives it wait_for.
 TASK_IMPORTS_WAIT_FOR = ("import sys as _sys\n_sys.path.append(%r)\n"

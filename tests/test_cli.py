@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from conftest import (ROOT, TASK_IMPORTS_WAIT_FOR, THREADWARD, assert_no_processes_left,
-                      read_until)
+                      run_until)
 
 import threadward
 
@@ -464,18 +464,7 @@ def setup_variable_set(variable_set):
 """, resources="NUM_WORKERS = 1\n")
     path = write_file(tmp_path / "commands.txt", "q\n")
     with open(path) as stream:
-        process = subprocess.Popen(project.command(), stdin=stream, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, universal_newlines=True,
-                                   env=project.env())
-    try:
-        seen = read_until(process.stdout, "then teardown\n")
-        gate.touch()
-        out, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    result = subprocess.CompletedProcess(process.args, process.returncode, seen + out, err)
+        result = run_until(project, stream, "then teardown\n", gate)
     assert result.returncode == 1, explain(result)
     # The commands of a file are read at once: the quit may come before the
     # first task starts or while it runs; no task starts after it.

@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import threadward
-from conftest import TASK_IMPORTS_WAIT_FOR, read_until
+from conftest import TASK_IMPORTS_WAIT_FOR, run_until
 
 
 def test_loop_sleeps_when_no_task_has_finished_for_a_long_time(project):
@@ -76,18 +76,11 @@ def setup_variable_set(variable_set):
     commands, feed = os.pipe()           # "q", no newline, then end of input
     os.write(feed, b"q")
     os.close(feed)
-    run = subprocess.Popen(project.command(), stdin=commands, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, universal_newlines=True, env=project.env())
-    os.close(commands)
     try:
-        seen = read_until(run.stdout, "then teardown\n")
-        gate.touch()
-        out, err = run.communicate(timeout=120)
+        run = run_until(project, commands, "then teardown\n", gate)
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
-    out = seen + out
+        os.close(commands)
+    out, err = run.stdout, run.stderr
     assert run.returncode == 1, out + err
     running = int(re.search(r"^quit: no new tasks; waiting for (\d+) running task\(s\)",
                             out, re.M).group(1))
