@@ -2317,6 +2317,18 @@ def _update_stat(stats, name, value):
         stats[name + "_max"] = max(value, stats.get(name + "_max") or 0)
 
 
+def _write_status_file(path, state, table):
+    """task_queue/status.json, for `threadward status` in another terminal;
+    the error, or None."""
+    try:
+        _atomic_write(path, json.dumps({"state": state, "pid": os.getpid(),
+                                        "updated": time.time(), "show": table},
+                                       indent=1) + "\n")
+    except OSError as exc:
+        return "could not write %s: %s" % (path, exc)
+    return None
+
+
 class _Monitor:
     """CPU, RAM and GPU memory of each worker and all its descendants.
 
@@ -2835,6 +2847,40 @@ class Worker:
         self.reports_stats = launcher.indirect   # it sends its own figures
         return True
 
+    def watch(self, selector, on_output, on_stderr):
+        """Select on its stdout (the protocol) and, behind a launcher, its stderr."""
+        selector.register(self.fileno(), selectors.EVENT_READ, on_output)
+        if self.process.stderr is not None:
+            os.set_blocking(self.process.stderr.fileno(), False)
+            selector.register(self.process.stderr.fileno(), selectors.EVENT_READ, on_stderr)
+
+    def stderr_lines(self, selector):
+        """The launcher's stderr lines now readable; at its end the pipe is
+        no longer selected and is closed."""
+        stderr = self.process.stderr
+        if stderr is None or stderr.closed:
+            return []   # a stale event from the same select(), after the pipes closed
+        lines = self.read_stderr()
+        if lines is None:
+            selector.unregister(stderr.fileno())
+            stderr.close()
+            return []
+        return lines
+
+    def unwatch(self, selector):
+        """Its stdout has ended: its pipes are closed, and a process still
+        alive is killed after KILL_WAIT.  Returns what the launcher said as
+        it ended."""
+        selector.unregister(self.fileno())
+        last = self.stderr_lines(selector)
+        stderr = self.process.stderr
+        if stderr is not None and not stderr.closed:
+            selector.unregister(stderr.fileno())
+        self.close_pipes()
+        if self.poll() is None:
+            self.deadline = (time.monotonic() + KILL_WAIT, self.KILL, None)
+        return last
+
     def read_stderr(self):
         """Complete lines of the launcher's stderr now readable, as text (the
         last STDERR_TAIL_LINES kept to explain a failed start); None at its end."""
@@ -3028,24 +3074,35 @@ class _Console:
         if verb is None:
             self.run.say("unknown command %r; commands: show (s), quit (q), add (a), "
                          "remove N (r N), help (h)" % line)
-        else:
+            return
+        try:
             verb(self, words[1:])
+        except ThreadwardError as refused:
+            self.run.say(str(refused))
 
     def _quit(self, arguments):
-        self.run.quit()
+        running = self.run.quit()
+        self.run.say("quit: no new tasks; waiting for %d running task(s), then teardown"
+                     % running)
 
     def _show(self, arguments):
         self.run.say(self.run.show())
 
     def _add(self, arguments):
-        self.run.add_worker()
+        worker = self.run.add_worker()
+        if worker is not None:
+            self.run.say("add: started worker %d%s" % (
+                worker.worker_id, " on GPU %s" % ",".join(worker.gpus) if worker.gpus else ""))
 
     def _remove(self, arguments):
         try:
             worker_id = int(arguments[0])
         except (IndexError, ValueError):
             worker_id = arguments[0] if arguments else None
-        self.run.remove_worker(worker_id)
+        worker = self.run.remove_worker(worker_id)
+        self.run.say("remove: worker %d takes no new task%s" % (
+            worker.worker_id, "; it finishes %s first" % worker.task.task_id
+            if worker.task else ""))
 
     def _help(self, arguments):
         self.run.say(CONSOLE_HELP)
@@ -3263,12 +3320,9 @@ class Threadward:
         self._write_status("running")
 
     def _write_status(self, state):
-        try:
-            _atomic_write(self.project.status_file, json.dumps({
-                "state": state, "pid": os.getpid(), "updated": time.time(),
-                "show": self._show_table()}, indent=1) + "\n")
-        except OSError as exc:
-            self.say("could not write %s: %s" % (self.project.status_file, exc))
+        error = _write_status_file(self.project.status_file, state, self._show_table())
+        if error:
+            self.say(error)
 
     # -- workers: start, read, reap -----------------------------------------
 
@@ -3283,24 +3337,14 @@ class Threadward:
             self._on_start_failure(worker, "it could not be started")
             return None
         self._workers[worker.worker_id] = worker
-        self._selector.register(worker.fileno(), selectors.EVENT_READ,
-                                lambda: self._on_worker_readable(worker))
-        if worker.process.stderr is not None:
-            os.set_blocking(worker.process.stderr.fileno(), False)
-            self._selector.register(worker.process.stderr.fileno(), selectors.EVENT_READ,
-                                    lambda: self._on_worker_stderr(worker))
+        worker.watch(self._selector, lambda: self._on_worker_readable(worker),
+                     lambda: self._relay(worker, worker.stderr_lines(self._selector)))
         return worker
 
-    def _on_worker_stderr(self, worker):
-        if worker.process.stderr.closed:
-            return   # a stale event from the same select(), after the pipes closed
-        lines = worker.read_stderr()
-        if lines is None:
-            self._selector.unregister(worker.process.stderr.fileno())
-            worker.process.stderr.close()
-            return
+    def _relay(self, worker, texts):
+        """A launcher's own messages (srun, ssh), with the worker's number."""
         try:
-            for text in lines:
+            for text in texts:
                 sys.stderr.write("[worker %d] %s\n" % (worker.worker_id, text))
             sys.stderr.flush()
         except (OSError, ValueError):
@@ -3311,16 +3355,8 @@ class Threadward:
         for line in lines:
             self._on_worker_line(worker, line)
         if ended:
-            self._selector.unregister(worker.fileno())
-            stderr = worker.process.stderr
-            if stderr is not None and not stderr.closed:
-                self._on_worker_stderr(worker)   # what the launcher said as it ended
-                if not stderr.closed:
-                    self._selector.unregister(stderr.fileno())
-            worker.close_pipes()
-            if worker.poll() is None:
-                worker.deadline = (time.monotonic() + KILL_WAIT, Worker.KILL, None)
-            else:
+            self._relay(worker, worker.unwatch(self._selector))
+            if worker.poll() is not None:
                 self._on_worker_exit(worker)
 
     def _on_worker_line(self, worker, line):
@@ -3538,10 +3574,7 @@ class Threadward:
             self._write_results()   # the line is on disk before the hook sees the task
             arguments = [self.project.variable_set.variables_of(task.indices), task.folder,
                          task.log_file] + ([] if success else [reason])
-            try:
-                function(*arguments)
-            except Exception:
-                self.say("%s raised (the run goes on):\n%s" % (hook, traceback.format_exc()))
+            self._call_main_hook(hook, *arguments, module=self.project.variable_module)
 
     def _write_results(self):
         error = self._ledger.write()
@@ -3593,12 +3626,11 @@ class Threadward:
     # -- the verbs of a running sweep ---------------------------------------
 
     def quit(self):
-        """No new tasks; running tasks finish, then teardown."""
-        if self._stop("quit"):
-            self.say("quit: no new tasks; waiting for %d running task(s), then teardown"
-                     % sum(1 for w in self._workers.values() if w.state == Worker.BUSY))
-        else:
-            self.say("already stopping (%s)" % self._stopping)
+        """No new tasks; running tasks finish, then teardown.  Returns how
+        many tasks are running."""
+        if not self._stop("quit"):
+            raise ThreadwardError("already stopping (%s)" % self._stopping)
+        return sum(1 for w in self._workers.values() if w.state == Worker.BUSY)
 
     def show(self):
         """Progress and each worker's state, CPU, RAM and GPU memory, measured now."""
@@ -3606,36 +3638,31 @@ class Threadward:
         return self._show_table()
 
     def add_worker(self):
-        """One more worker under the same constraints."""
+        """One more worker under the same constraints; None if it could not
+        start (and that was said)."""
         if self._stopping:
-            self.say("add: not while stopping (%s)" % self._stopping)
-        elif not len(self.scheduler):
-            self.say("add: no tasks are waiting; nothing for a new worker to do")
-        elif not self._places.free and self.project.gpus_per_worker \
+            raise ThreadwardError("add: not while stopping (%s)" % self._stopping)
+        if not len(self.scheduler):
+            raise ThreadwardError("add: no tasks are waiting; nothing for a new worker to do")
+        if not self._places.free and self.project.gpus_per_worker \
                 and self._launcher.kind != "slurm":
-            self.say("add: no GPUs left in reserve (every usable GPU share is held by a "
-                     "worker); remove a worker or widen INCLUDE_GPUS")
-        else:
-            if not self._places.free:   # nothing to reserve: one more like the first
-                self._places.add_like_the_first()
-            worker = self._start_worker(self._places.take())
-            if worker is not None:
-                self.say("add: started worker %d%s" % (worker.worker_id, " on GPU %s" % (
-                    ",".join(worker.gpus)) if worker.gpus else ""))
+            raise ThreadwardError("add: no GPUs left in reserve (every usable GPU share is "
+                                  "held by a worker); remove a worker or widen INCLUDE_GPUS")
+        if not self._places.free:   # nothing to reserve: one more like the first
+            self._places.add_like_the_first()
+        return self._start_worker(self._places.take())
 
     def remove_worker(self, worker_id):
-        """Worker ``worker_id`` takes no new task and shuts down after its current one."""
+        """Worker ``worker_id`` takes no new task and shuts down after its
+        current one; returns it."""
         worker = self._workers.get(worker_id)
         if worker is None:
-            self.say("remove: %s; running workers: %s" % (
+            raise ThreadwardError("remove: %s; running workers: %s" % (
                 "no worker %s" % worker_id if worker_id is not None else "give a worker ID",
                 ", ".join(str(i) for i in self._workers) or "none"))
-            return
         worker.retiring = True
         worker.cancel_queued(with_running=True)
-        self.say("remove: worker %d takes no new task%s" % (
-            worker.worker_id, "; it finishes %s first" % worker.task.task_id
-            if worker.task else ""))
+        return worker
 
     # -- reporting ----------------------------------------------------------
 
@@ -3674,16 +3701,18 @@ class Threadward:
 
     # -- main-process hooks -------------------------------------------------
 
-    def _call_main_hook(self, name):
-        """Run before_all_tasks or after_all_tasks; False (and the traceback
-        on the console) if it raised."""
-        function = getattr(self.project.task_module, name, None)
+    def _call_main_hook(self, name, *arguments, module=None):
+        """Run a hook of the main process: before_all_tasks, after_all_tasks,
+        or (with its ``arguments``, from variable_iteration.py) a result
+        hook; False (and the traceback on the console) if it raised."""
+        function = _hook_of(self._hooks, module or self.project.task_module, name)
         try:
             if function is not None:
-                function()
+                function(*arguments)
             return True
         except Exception:
-            self.say("%s raised:\n%s" % (name, traceback.format_exc().rstrip()))
+            self.say("%s raised%s:\n%s" % (name, " (the run goes on)" if arguments else "",
+                                           traceback.format_exc().rstrip()))
             return False
 
 
