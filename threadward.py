@@ -744,6 +744,14 @@ def _value_text(value):
     return repr(value) if type(value) is int else _json_text(value)
 
 
+def _string_text(text):
+    """A string as JSON text; one of plain printable ASCII (a number, a
+    folder name) needs no escaping and none of the encoder's set-up."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return '"' + text + '"'
+    return _json_text(text)
+
+
 def _safe_component(name):
     """One safe path component made from a nickname or a value, or None;
     ``name`` itself when it is one already (a million values make no copies)."""
@@ -966,7 +974,7 @@ class VariableSet:
                 name = _json_text(variable.name)
                 if len(variable.values) > CACHE_VALUES:
                     texts.append(template % (name, _value_text(variable.values[index]),
-                                             _json_text(variable.nickname(index))))
+                                             _string_text(variable.nickname(index))))
                     continue
                 per_value = variable.texts[template] = [
                     template % (name, _value_text(value), _json_text(nickname))
@@ -1056,7 +1064,7 @@ def _stream_tasks(project, stream, succeeded, scheduler):
                 "shorter nicknames or TASK_FOLDER_LOCATION = \"VARIABLE_SUBFOLDER\""
                 % task_id, where)
         stream.write('%s{"task_id": %s, "task_folder": %s, "variables": %s}' % (
-            separator, _json_text(task_id), _json_text(output_root + "/" + task_id),
+            separator, _string_text(task_id), _string_text(output_root + "/" + task_id),
             variable_set.json_fragment(indices)))
         separator = ",\n"
         if task_id in succeeded:
