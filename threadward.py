@@ -3443,6 +3443,22 @@ class _Signals:
             self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
         selector.register(read_fd, selectors.EVENT_READ, self._on_readable)
 
+    def take_back_sigint(self):
+        """A KeyboardInterrupt reached the loop: Python's own SIGINT handler
+        is back (a hook, or a library it called, installed it).  Ours is put
+        back for the next Ctrl-C.  True if this one reaches the loop anyway:
+        Python writes every signal's number to the wakeup fd whatever the
+        handler, and ours is still set, so the loop reads it there (acting
+        on the KeyboardInterrupt too would make one Ctrl-C count as two)."""
+        if self._fds is None:
+            return False
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        current = signal.set_wakeup_fd(self._fds[1], warn_on_full_buffer=False)
+        if current != self._fds[1]:
+            signal.set_wakeup_fd(current)   # someone else's now: theirs to keep
+            return False
+        return True
+
     def restore(self):
         if self._fds is None:
             return
@@ -3720,15 +3736,25 @@ class Threadward:
 
     def _loop(self):
         while self._workers or self._places.retries:
-            self._wait_for_events()
-            if time.monotonic() >= self._next_deadline:
-                self._expire_deadlines()
-            self._reap_workers()
-            self._assign_tasks()
-            line = self._ledger.progress()
-            if line:
-                self.say(line)
-            self._write_results()
+            try:
+                self._step()
+            except KeyboardInterrupt:
+                # A Ctrl-C, or a notebook's interrupt, that Python's own
+                # handler turned into an exception: the same as ours.
+                if not self._signals.take_back_sigint():
+                    self._on_signal(signal.SIGINT)
+
+    def _step(self):
+        """One turn of the loop: events, deadlines, exits, new tasks, results."""
+        self._wait_for_events()
+        if time.monotonic() >= self._next_deadline:
+            self._expire_deadlines()
+        self._reap_workers()
+        self._assign_tasks()
+        line = self._ledger.progress()
+        if line:
+            self.say(line)
+        self._write_results()
 
     def _wait_for_events(self):
         for key, _ in self._selector.select(self._next_timeout()):
