@@ -10,6 +10,13 @@ Usage::
 
 (`python -m threadward ...` and `python threadward.py ...` work the same.)
 
+From Python, without project files (settings and hooks as keywords)::
+
+    variables = threadward.VariableSet()
+    variables.add_variable(name="model", values=["gpt2", "bert"], to_value=mylib.load_model)
+    code = threadward.Threadward(directory="runs/exp1", task=mylib.train,
+                                 variables=variables, num_workers=4).run()
+
 Data flow (one thread in the main process; nothing blocks but the select)::
 
     variable_iteration.py --> VariableSet --> all_tasks.json (streamed)
@@ -298,6 +305,13 @@ def _log_tail(path, count=LOG_TAIL_LINES):
             return stream.read().decode("utf-8", "replace").splitlines()[-count:]
     except OSError:
         return []
+
+
+def _is_terminal(fd):
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def _readable_now(fd):
@@ -770,10 +784,12 @@ def _safe_component(name):
 
 class _Variable:
     __slots__ = ("name", "values", "nicknames", "renamed", "folders", "interaction", "rules",
-                 "texts")
+                 "texts", "to_value", "reference")
 
-    def __init__(self, name, values, nicknames, interaction):
+    def __init__(self, name, values, nicknames, interaction, to_value=None, reference=None):
         self.name = name
+        self.to_value = to_value    # add_variable's converter, or None
+        self.reference = reference  # where a worker imports it from (_function_reference)
         self.values = values        # JSON scalars, as the task receives them
         # Strings, or None for str(value), made when asked: the str() of a
         # million ints would be 55 MB held for the whole run.
@@ -816,7 +832,7 @@ class VariableSet:
         self.variables = []
 
     def add_variable(self, name, values, nicknames=None, interaction="cartesian",
-                     exceptions=None):
+                     exceptions=None, to_value=None):
         """Add the next (lower) level of the hierarchy.
 
         values: JSON scalars keep their type; anything else is stored as str().
@@ -824,6 +840,9 @@ class VariableSet:
         interaction: "cartesian" (every value under every combination above) or
             "zip" (the i-th value goes with the i-th value of the variable above).
         exceptions: {value or nickname above: [values of this variable]}.
+        to_value: the converter, to_value(string_value, nickname), as NAME_to_value
+            in variable_iteration.py; workers import it, so it must be a
+            module-level function of a module or of the running script.
         """
         where = "variable %r" % (name,)
         if not isinstance(name, str) or not name.isidentifier():
@@ -841,7 +860,12 @@ class VariableSet:
             if len(nicknames) != len(values):
                 raise ConfigError("%s has %d values but %d nicknames; give one nickname per "
                                   "value" % (where, len(values), len(nicknames)))
-        variable = _Variable(name, values, nicknames, interaction)
+        reference = None
+        if to_value is not None:
+            # Now, at the line that passed it, rather than when a worker fails to import it.
+            reference = _function_reference(to_value, "to_value of variable %r" % name,
+                                            _caller_site())
+        variable = _Variable(name, values, nicknames, interaction, to_value, reference)
         variable.renamed = self._folder_renames(variable)
         if len(values) <= CACHE_VALUES:
             variable.folders = list(variable.all_folders())
@@ -928,6 +952,10 @@ class VariableSet:
 
     def __len__(self):
         return sum(1 for _ in self.iter_indices())
+
+    def converters(self):
+        """{variable name: the to_value function given to add_variable}."""
+        return {v.name: v.to_value for v in self.variables if v.to_value is not None}
 
     def iter_indices(self):
         """Every task as a tuple of value indices, in hierarchy order."""
@@ -1041,7 +1069,7 @@ def _write_task_list(project, succeeded, scheduler):
 def _stream_tasks(project, stream, succeeded, scheduler):
     variable_set = project.variable_set
     location = project.folder_location
-    where = _display_path(project.path("variable_iteration.py"))
+    where = project.variables_where()
     output_root = os.path.relpath(project.output_dir, project.directory)
     # One variable's IDs are its folders, distinct already (add_variable).
     check_ids = location == "VARIABLE_UNDERSCORE" and len(variable_set.variables) > 1 \
@@ -1546,7 +1574,7 @@ def _case_insensitive(directory):
         os.unlink(probe)
 
 
-def _check_case_collisions(variable_set, path):
+def _check_case_collisions(variable_set, where):
     for variable in variable_set.variables:
         seen = {}
         for folder in variable.all_folders():
@@ -1555,7 +1583,7 @@ def _check_case_collisions(variable_set, path):
                 raise ConfigError(
                     "variable %r: folders %r and %r differ only in case, and this filesystem "
                     "ignores case, so two tasks would share a folder; give them distinct "
-                    "nicknames" % (variable.name, other, folder), _display_path(path))
+                    "nicknames" % (variable.name, other, folder), where)
 
 
 def _load_user_module(path, name):
@@ -1580,7 +1608,10 @@ def _load_user_module(path, name):
 
 
 def _setting_line(path, name):
-    """'file:line' where the module-level setting ``name`` is assigned."""
+    """'file:line' where the module-level setting ``name`` is assigned (for
+    a sweep from code, ``path`` is its _CallSite: the keyword there)."""
+    if isinstance(path, _CallSite):
+        return path.keyword(name)
     import ast
     try:
         with open(path) as stream:
@@ -1732,23 +1763,39 @@ def _gpus_per_worker(module, path):
 
 
 class _Project:
-    """The three project files of DIR/threadward, loaded and checked.
+    """The three project files of DIR/threadward, loaded and checked; or a
+    sweep declared in code (``sweep``, a _Sweep), for which no file is read.
 
-    ``load`` (the main process) and ``load_for_worker`` import the modules,
-    then ``_read_settings`` sets every setting at once, from the files that
-    were loaded (a worker does not read resource_constraints.py: its
-    settings keep their defaults there), so that both have the same fields."""
+    ``load`` (the main process) and ``load_for_worker`` import the modules
+    (or, for a sweep, make stand-ins of them from its keywords), then
+    ``_read_settings`` sets every setting at once, from the files that were
+    loaded (a worker does not read resource_constraints.py: its settings
+    keep their defaults there), so that both have the same fields."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, sweep=None):
         self.directory = os.path.abspath(directory)
         self.config_dir = os.path.join(self.directory, PROJECT_SUBDIR)
         self.queue_dir = os.path.join(self.config_dir, "task_queue")
         self.output_dir = os.path.join(self.config_dir, "task_outputs")
         self.worker_log_dir = os.path.join(self.config_dir, "worker_logs")
         self.status_file = os.path.join(self.queue_dir, "status.json")
+        self.spec_file = os.path.join(self.queue_dir, SWEEP_FILE)
+        self.sweep = sweep
+        # A sweep's settings have no file: their errors name the keyword at its call.
+        self.call_site = sweep.call_site if sweep is not None else None
+        self.workers_read_spec = False   # sweep.json was written: workers import from it
+        self.imported_converters = {}    # (a worker) the to_value functions of sweep.json
 
     def path(self, filename):
         return os.path.join(self.config_dir, filename)
+
+    def _source(self, filename):
+        """Where the settings of ``filename`` come from, for their errors."""
+        return self.call_site or self.path(filename)
+
+    def variables_where(self):
+        """Where the variables were declared, for errors about their tasks."""
+        return str(self.call_site or _display_path(self.path("variable_iteration.py")))
 
     def load_task_module(self):
         """task_specification.py; also what a worker needs."""
@@ -1777,6 +1824,11 @@ class _Project:
 
     def load(self):
         """Load and check everything `run` needs; ConfigError on any mistake."""
+        if self.sweep is not None:
+            self.task_module, self.variable_module, constraints = self.sweep.modules()
+            self._read_settings(constraints)
+            self.variable_set = self.sweep.variables
+            return
         self.load_task_module()
         self.load_variable_module()
         constraints = _load_user_module(self.path("resource_constraints.py"),
@@ -1786,27 +1838,55 @@ class _Project:
         self._read_settings(constraints)
         self.variable_set = self._build_variable_set()
 
-    def load_for_worker(self):
-        """What a worker needs: the task and variable files."""
-        self.load_task_module()
-        self.load_variable_module()
+    def load_for_worker(self, read_spec=False):
+        """What a worker needs: the task and variable files, or (``read_spec``)
+        what task_queue/sweep.json says to import instead or as well."""
+        spec = _read_json(self.spec_file) if read_spec else {}
+        if spec.get("functions"):   # a sweep from code
+            self.call_site = _CallSite(spec["where"])
+            self.task_module, self.variable_module = _import_sweep(spec)
+        else:
+            self.load_task_module()
+            self.load_variable_module()
+        self.imported_converters = {
+            name: _import_reference(reference, "to_value of variable %r" % name)
+            for name, reference in spec.get("converters", {}).items()}
         self._read_settings(types.SimpleNamespace())
+
+    def worker_spec(self):
+        """What workers must import, as sweep.json holds it; None where the
+        project files are all they need."""
+        converters = {variable.name: variable.reference
+                      for variable in self.variable_set.variables if variable.reference}
+        if self.sweep is None:
+            return {"converters": converters} if converters else None
+        return dict(self.sweep.worker_spec(), converters=converters)
+
+    def write_worker_spec(self):
+        """task_queue/sweep.json for the workers about to start (or no such
+        file, where they need none: one left by an earlier run must not count)."""
+        spec = self.worker_spec()
+        self.workers_read_spec = spec is not None
+        if spec is not None:
+            _atomic_write(self.spec_file, json.dumps(spec, indent=1) + "\n")
+        elif os.path.exists(self.spec_file):
+            os.unlink(self.spec_file)
 
     def _read_settings(self, constraints):
         """Every setting, checked (ConfigError with file:line for a bad value)."""
-        module, path = self.task_module, self.path("task_specification.py")
+        module, path = self.task_module, self._source("task_specification.py")
         self.success_condition = _choice_setting(module, path, "SUCCESS_CONDITION",
                                                  SUCCESS_CONDITIONS)
         self.output_mode = _choice_setting(module, path, "OUTPUT_MODE", OUTPUT_MODES)
         self.sigterm_grace = _number_setting(module, path, "SIGTERM_GRACE", SIGTERM_GRACE, 0)
         self.task_timeout = _number_setting(module, path, "TASK_TIMEOUT", None, 0.001,
                                             allow_none=True)
-        module, path = self.variable_module, self.path("variable_iteration.py")
+        module, path = self.variable_module, self._source("variable_iteration.py")
         self.failure_handling = _choice_setting(module, path, "FAILURE_HANDLING",
                                                 FAILURE_HANDLINGS)
         self.folder_location = _choice_setting(module, path, "TASK_FOLDER_LOCATION",
                                                FOLDER_LOCATIONS)
-        path = self.path("resource_constraints.py")
+        path = self._source("resource_constraints.py")
         self.num_workers = _number_setting(constraints, path, "NUM_WORKERS", 1, 1, integer=True)
         self.gpus_per_worker, self.workers_per_gpu = _gpus_per_worker(constraints, path)
         self.avoid_gpus = _gpu_list_setting(constraints, path, "AVOID_GPUS")
@@ -1875,13 +1955,23 @@ class _Project:
         # would get the raw value without a word.
         _check_hooks(self.variable_module, path,
                      [variable.name + "_to_value" for variable in variable_set.variables])
+        for variable in variable_set.variables:
+            function = getattr(self.variable_module, variable.name + "_to_value", None)
+            if variable.to_value is not None and function is not None:
+                raise ConfigError(
+                    "variable %r has two converters: to_value= in its add_variable and %s "
+                    "here; keep one of them" % (variable.name, function.__name__),
+                    _definition_site(function) or _display_path(path))
         return variable_set
 
     def converters(self):
-        """{variable name: NAME_to_value function} defined in variable_iteration.py."""
+        """{variable name: converter}: the NAME_to_value functions of
+        variable_iteration.py, and the to_value ones a worker imported."""
         module = self.variable_module
-        return {name[:-len("_to_value")]: getattr(module, name) for name in dir(module)
-                if name.endswith("_to_value") and callable(getattr(module, name))}
+        found = {name[:-len("_to_value")]: getattr(module, name) for name in dir(module)
+                 if name.endswith("_to_value") and callable(getattr(module, name))}
+        found.update(self.imported_converters)
+        return found
 
 
 def _enter_project(project):
@@ -1899,6 +1989,343 @@ def _enter_project(project):
         sys.path.remove(project.directory)
         sys.path.remove(project.config_dir)
     return leave
+
+
+###############################################################################
+# Sweeps from code ############################################################
+###############################################################################
+
+# Threadward(directory, task=train, variables=variable_set, num_workers=4,
+# before_each_worker=setup) declares a sweep in Python and reads none of the
+# three files: each of their settings is a keyword of the same name in lower
+# case, each hook a keyword of its own name.  A worker is another
+# interpreter, so what it runs (the task, the task and worker hooks, the
+# converters) must be importable by name: the main process writes where each
+# one is into task_queue/sweep.json and starts its workers with --sweep,
+# and they import them (the running script by its path, as multiprocessing's
+# spawn does).  The hooks of the main process (before_all_tasks,
+# after_all_tasks, on_task_success, on_task_failure) are called as given.
+
+SWEEP_FILE = "sweep.json"
+# Run by workers, so imported there by name.
+_WORKER_FUNCTIONS = ("task_method",) + TASK_HOOKS + WORKER_HOOKS
+# Threadward's own arguments, for the list of valid keywords.
+_ARGUMENTS = ("directory", "task", "variables", "fresh", "dry_run", "stdin_fd", "out")
+# Names a user may reach for, from the files or from habit.
+_KEYWORD_HINTS = {"task_method": "task", "variable_set": "variables",
+                  "setup_variable_set": "variables", "project_dir": "directory"}
+
+# While a worker imports what it runs: a Threadward.run() now is the script
+# starting its sweep again, in every worker (the code lacks a __main__ guard).
+_importing_for_worker = False
+
+
+class _CallSite:
+    """Where a sweep from code was declared ("exp.py:12"), in the place of a
+    project file's path: the error for a bad setting names the keyword there."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def keyword(self, setting):
+        return "%s (the keyword %s=)" % (self.where, setting.lower())
+
+    def __str__(self):
+        return self.where
+
+
+def _caller():
+    """(file, line) of the innermost frame outside this module: the user's call."""
+    frame, here = sys._getframe(1), _caller.__code__.co_filename
+    while frame is not None and frame.f_code.co_filename == here:
+        frame = frame.f_back
+    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else (None, None)
+
+
+def _caller_site():
+    filename, line = _caller()
+    return "%s:%d" % (_display_path(filename), line) if filename else None
+
+
+def _script_line():
+    """The line of the running script's own top-level code now running (the
+    `main()` that led here, say), or None."""
+    main = getattr(sys.modules.get("__main__"), "__dict__", None)
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals is main and frame.f_code.co_name == "<module>":
+            return frame.f_lineno
+        frame = frame.f_back
+    return None
+
+
+def _definition_site(function):
+    """'file:line' where ``function`` was defined, if that is a file."""
+    code = getattr(function, "__code__", None)
+    if code is None or not os.path.isfile(code.co_filename):
+        return None
+    return "%s:%d" % (_display_path(code.co_filename), code.co_firstlineno)
+
+
+def _attribute(owner, qualname):
+    """What the dotted ``qualname`` names in ``owner`` (a module), or None."""
+    try:
+        for part in qualname.split("."):
+            owner = getattr(owner, part)
+    except AttributeError:
+        return None
+    return owner
+
+
+def _function_reference(function, role, where):
+    """How a worker finds ``function``: {"module": NAME, "qualname": Q}, or
+    {"script": PATH, "qualname": Q} for one of the running script.  What no
+    other process can import (a lambda, a nested function, one typed into a
+    notebook or the interpreter) is a ConfigError saying to move it into a
+    module; ``role`` names it ("task"), ``where`` is the user's call."""
+    if not callable(function):
+        raise ConfigError("%s=%r is not a function; pass one defined with `def`"
+                          % (role, function), where)
+    qualname = getattr(function, "__qualname__", None)
+    module_name = getattr(function, "__module__", None)
+    defined = _definition_site(function) or where
+    why = "workers are other processes: they import what they run, by module and name"
+    if not isinstance(qualname, str) or not isinstance(module_name, str):
+        raise ConfigError("%s=%r has no name to be imported by (%s); pass a function defined "
+                          "with `def` at the top level of a module" % (role, function, why),
+                          where)
+    if "<lambda>" in qualname:
+        raise ConfigError("%s is a lambda, which has no name to be imported by (%s); define "
+                          "it with `def` at the top level of a module and pass that"
+                          % (role, why), defined)
+    if "<locals>" in qualname:
+        outer, _, name = qualname.rpartition(".<locals>.")
+        raise ConfigError("%s is %s, a function defined inside %s(), which cannot be imported "
+                          "(%s); move it to the top level of a module"
+                          % (role, name, outer.replace(".<locals>", ""), why), defined)
+    if isinstance(function, types.MethodType) and not isinstance(function.__self__, type):
+        raise ConfigError("%s is %s of a %s object, which cannot be imported (%s); pass a "
+                          "function of a module's top level (it may make the object itself)"
+                          % (role, qualname, type(function.__self__).__name__, why), defined)
+    if module_name == "__main__":
+        module, reference = _main_reference(function, role, where, why)
+    else:
+        module, reference = sys.modules.get(module_name), {"module": module_name}
+    # == rather than is: a classmethod is a new bound method at each look-up.
+    if module is None or _attribute(module, qualname) != function:
+        raise ConfigError("%s is not what its name, %s.%s, is in its module (it was replaced "
+                          "there, or made elsewhere), so a worker would import something else; "
+                          "pass a function its module defines under that name"
+                          % (role, module_name, qualname), defined)
+    reference["qualname"] = qualname
+    return reference
+
+
+def _main_reference(function, role, where, why):
+    """(module, reference) of a function of the running script."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    code = getattr(function, "__code__", None)
+    if path is None or (code is not None and
+                        os.path.abspath(code.co_filename) != os.path.abspath(path)):
+        raise ConfigError("%s is %s, defined in a notebook or typed into the interpreter, where "
+                          "no worker can import it from (%s); move it into a module (a .py "
+                          "file beside the notebook), import it, and pass that"
+                          % (role, function.__qualname__, why), where)
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name and name != "__main__":
+        return main, {"module": name}    # `python -m package.module`
+    return main, {"script": os.path.abspath(path)}
+
+
+def _runs_when_imported(path, line):
+    """Whether line ``line`` of the script ``path`` runs when the script is
+    imported: it is outside every function, class and
+    `if __name__ == "__main__":` block."""
+    import ast
+    try:
+        with open(path) as stream:
+            nodes = ast.parse(stream.read()).body
+    except (OSError, SyntaxError, ValueError):
+        return False
+    while True:
+        node = next((n for n in nodes if n.lineno <= line <= (n.end_lineno or n.lineno)), None)
+        if node is None or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                             ast.ClassDef)) or _is_main_guard(node):
+            return False
+        nodes = [child for field in ("body", "orelse", "handlers", "finalbody")
+                 for child in getattr(node, field, ())]
+        if not nodes:
+            return True
+
+
+def _is_main_guard(node):
+    """Whether ``node`` is `if __name__ == "__main__":`."""
+    import ast
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare) or \
+            [type(op) for op in node.test.ops] != [ast.Eq]:
+        return False
+    sides = [node.test.left] + node.test.comparators
+    return {getattr(side, "id", None) for side in sides} - {None} == {"__name__"} and \
+        {getattr(side, "value", None) for side in sides} - {None} == {"__main__"}
+
+
+def _read_json(path):
+    with open(path) as stream:
+        return json.load(stream)
+
+
+class _Sweep:
+    """A sweep declared in code: the task, the VariableSet, the settings
+    (keywords in lower case) and the hooks, checked as they are given, so
+    that a mistake is a ConfigError at the user's call, before anything runs."""
+
+    def __init__(self, task, variables, keywords):
+        self.where = _caller_site()
+        self.call_site = _CallSite(self.where)
+        self.settings = {}   # NAME -> value
+        self.hooks = {}      # hook name -> function
+        hook_names = MAIN_HOOKS + WORKER_HOOKS + TASK_HOOKS + RESULT_HOOKS
+        for keyword, value in keywords.items():
+            if keyword.islower() and _settings_file(keyword.upper()):
+                self.settings[keyword.upper()] = value
+            elif keyword in hook_names:
+                if value is not None:
+                    self.hooks[keyword] = value
+            else:
+                raise ConfigError(_unknown_keyword(keyword), self.where)
+        if task is None or variables is None:
+            raise ConfigError("a sweep from code needs both task= (the function each task "
+                              "runs) and variables= (a threadward.VariableSet); without them, "
+                              "Threadward(directory) runs the project files of "
+                              "directory/threadward/, and takes no settings or hooks",
+                              self.where)
+        if not isinstance(variables, VariableSet):
+            raise ConfigError("variables=%r; give a threadward.VariableSet, filled with "
+                              "add_variable(name=..., values=[...])" % (variables,), self.where)
+        if not variables.variables:
+            raise ConfigError("variables= has no variables; call "
+                              "add_variable(name=..., values=[...]) on it first", self.where)
+        self.task, self.variables = task, variables
+        self.references = {"task_method": _function_reference(task, "task", self.where)}
+        for name, function in self.hooks.items():
+            if name in _WORKER_FUNCTIONS:
+                self.references[name] = _function_reference(function, name, self.where)
+            elif not callable(function):
+                raise ConfigError("%s=%r is not a function" % (name, function), self.where)
+        scripts = {r["script"] for r in self.references.values() if "script" in r} | {
+            v.reference["script"] for v in variables.variables
+            if v.reference and "script" in v.reference}
+        line = _script_line() if scripts else None
+        if line is not None and _runs_when_imported(scripts.pop(), line):
+            raise ConfigError(
+                "workers import this script to find what they run, and this line would run "
+                "the sweep again in each of them; put it under `if __name__ == \"__main__\":`",
+                "%s:%d" % (_display_path(sys.modules["__main__"].__file__), line))
+        # As the main process has them now: workers need them to import the same
+        # modules (relative entries are relative to this working directory).
+        self.sys_path = [os.path.abspath(entry) for entry in sys.path if isinstance(entry, str)]
+        self.argv = list(sys.argv)
+
+    def modules(self):
+        """Stand-ins for the modules of the three project files, in
+        _Project's order: (task_specification, variable_iteration,
+        resource_constraints), holding the settings and hooks."""
+        contents = {filename: {} for filename in CONFIG_FILES}
+        for name, value in self.settings.items():
+            contents[_settings_file(name)][name] = value
+        for name, function in self.hooks.items():
+            filename = "variable_iteration.py" if name in RESULT_HOOKS else \
+                "task_specification.py"
+            contents[filename][name] = function
+        contents["task_specification.py"]["task_method"] = self.task
+        return tuple(types.SimpleNamespace(**contents[filename]) for filename in (
+            "task_specification.py", "variable_iteration.py", "resource_constraints.py"))
+
+    def worker_spec(self):
+        """What sweep.json tells a worker (the converters are the project's)."""
+        return {"where": self.where, "sys_path": self.sys_path, "argv": self.argv,
+                "functions": self.references,
+                "settings": {name: value for name, value in self.settings.items()
+                             if _settings_file(name) != "resource_constraints.py"}}
+
+
+def _settings_file(name):
+    """The project file whose setting ``name`` is, or None."""
+    return next((filename for filename, names in SETTINGS.items() if name in names), None)
+
+
+def _unknown_keyword(keyword):
+    valid = list(_ARGUMENTS) + [name.lower() for names in SETTINGS.values() for name in names]
+    valid += MAIN_HOOKS + WORKER_HOOKS + TASK_HOOKS + RESULT_HOOKS
+    guess = _KEYWORD_HINTS.get(keyword) or next(
+        (name for name in valid if keyword.lower() == name or _slip(keyword.lower(), name)),
+        None)
+    return "Threadward() has no keyword %s=%s; its keywords are: %s" % (
+        keyword, " (did you mean %s=?)" % guess if guess else "", ", ".join(valid))
+
+
+def _import_sweep(spec):
+    """(In a worker.)  Stand-ins for the task and variable modules, made of
+    what sweep.json names, imported as the main process had them."""
+    sys.argv[:] = spec["argv"]   # as spawn does: a script may read it as it is imported
+    sys.path[1:1] = [entry for entry in spec["sys_path"] if entry not in sys.path]
+    task = {name: _import_reference(reference, name if name != "task_method" else "task")
+            for name, reference in spec["functions"].items()}
+    variables = {}
+    for name, value in spec["settings"].items():
+        (task if _settings_file(name) == "task_specification.py" else variables)[name] = value
+    return types.SimpleNamespace(**task), types.SimpleNamespace(**variables)
+
+
+def _import_reference(reference, role):
+    """(In a worker.)  The function ``reference`` names; ConfigError if it
+    cannot be imported here."""
+    global _importing_for_worker
+    place = reference.get("script") or reference.get("module")
+    _importing_for_worker = True
+    try:
+        if "script" in reference:
+            module = _import_script(reference["script"])
+        else:
+            module = importlib.import_module(reference["module"])
+    except ConfigError:
+        raise   # the script started its sweep again as it was imported: said already
+    except (Exception, SystemExit) as exc:
+        raise ConfigError("a worker could not import %s from %s (%s: %s); it imports what the "
+                          "main process could, with the same sys.path: make %s importable "
+                          "there" % (role, place, type(exc).__name__, exc, place),
+                          reference.get("script") and _user_frame(exc.__traceback__,
+                                                                  reference["script"]))
+    finally:
+        _importing_for_worker = False
+    function = _attribute(module, reference["qualname"])
+    if function is None:
+        raise ConfigError("a worker imported %s but found no %s in it for %s"
+                          % (place, reference["qualname"], role))
+    return function
+
+
+def _import_script(path):
+    """(In a worker.)  The main process's script, imported by its path as
+    __mp_main__, the name multiprocessing's spawn gives it, so that its
+    `if __name__ == "__main__":` block does not run.  It also stands as
+    __main__, as under spawn, so that what names __main__ (a pickled
+    function sent to a task's own spawn pool) is found in it."""
+    module = sys.modules.get("__mp_main__")
+    if module is not None and getattr(module, "__file__", None) == path:
+        return module
+    spec = importlib.util.spec_from_file_location("__mp_main__", path)
+    module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get("__main__")
+    sys.modules["__mp_main__"] = sys.modules["__main__"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["__mp_main__"]
+        sys.modules["__main__"] = previous
+        raise
+    return module
 
 
 ###############################################################################
@@ -2019,10 +2446,12 @@ _WORKER_BOOT = (
     "sys.modules['threadward'] = m; s.loader.exec_module(m); sys.exit(m.main(sys.argv[2:]))")
 
 
-def _worker_argv(worker_id, directory, report_stats=False):
-    """This very file in worker mode (a vendored copy loads itself)."""
+def _worker_argv(worker_id, directory, report_stats=False, read_spec=False):
+    """This very file in worker mode (a vendored copy loads itself);
+    ``read_spec``: the worker imports what task_queue/sweep.json says."""
     return [sys.executable, "-c", _WORKER_BOOT, os.path.abspath(__file__), WORKER_MODE,
-            directory, str(worker_id)] + (["--report-stats"] if report_stats else [])
+            directory, str(worker_id)] + (["--report-stats"] if report_stats else []) + (
+                ["--sweep"] if read_spec else [])
 
 
 def _ssh_gpus(project, host):
@@ -2146,7 +2575,8 @@ class _Launcher:
     def command(self, worker, directory):
         """(argv, environment) that start ``worker``."""
         gpus = ",".join(worker.gpus)
-        argv = _worker_argv(worker.worker_id, directory, report_stats=self.indirect)
+        argv = _worker_argv(worker.worker_id, directory, report_stats=self.indirect,
+                            read_spec=self.project.workers_read_spec)
         extra = self.worker_environment(worker)
         env = dict(os.environ, **extra)
         if self.kind == "slurm":
@@ -3021,6 +3451,22 @@ class _Signals:
             self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
         selector.register(read_fd, selectors.EVENT_READ, self._on_readable)
 
+    def take_back_sigint(self):
+        """A KeyboardInterrupt reached the loop: Python's own SIGINT handler
+        is back (a hook, or a library it called, installed it).  Ours is put
+        back for the next Ctrl-C.  True if this one reaches the loop anyway:
+        Python writes every signal's number to the wakeup fd whatever the
+        handler, and ours is still set, so the loop reads it there (acting
+        on the KeyboardInterrupt too would make one Ctrl-C count as two)."""
+        if self._fds is None:
+            return False
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        current = signal.set_wakeup_fd(self._fds[1], warn_on_full_buffer=False)
+        if current != self._fds[1]:
+            signal.set_wakeup_fd(current)   # someone else's now: theirs to keep
+            return False
+        return True
+
     def restore(self):
         if self._fds is None:
             return
@@ -3126,14 +3572,32 @@ class _Console:
 class Threadward:
     """Runs a project: ``Threadward(directory).run()`` returns the exit code.
 
+    ``Threadward(directory)`` runs the three files of directory/threadward/.
+    ``Threadward(directory, task=f, variables=variable_set, **keywords)``
+    runs a sweep declared in code and reads no file (directory/threadward/
+    still gets the task queue and outputs): each setting of the files is a
+    keyword of the same name in lower case (num_workers=4), each hook one of
+    its own name (before_each_worker=setup).  ``fresh`` runs every task
+    again, ``dry_run`` only prints the plan; console commands are read from
+    ``stdin_fd`` (default: stdin, which for a sweep from code must be a
+    terminal: a notebook has none); messages go to ``out`` (sys.stdout).
+
     The verbs of a running sweep (the console calls them): ``quit``,
     ``show``, ``add_worker``, ``remove_worker``."""
 
-    def __init__(self, directory=".", fresh=False, dry_run=False, stdin_fd=0, out=None):
-        self.project = _Project(directory)
+    def __init__(self, directory=".", fresh=False, dry_run=False, stdin_fd=None, out=None,
+                 task=None, variables=None, **keywords):
+        sweep = None
+        if task is not None or variables is not None or keywords:
+            sweep = _Sweep(task, variables, keywords)
+        self.project = _Project(directory, sweep)
+        if sweep is not None:
+            self.project.load()   # every setting checked now, at the user's line
+        if stdin_fd is None:
+            stdin_fd = 0 if sweep is None or _is_terminal(0) else None
         self.fresh = fresh
         self.dry_run = dry_run
-        self._stdin_fd = stdin_fd
+        self._stdin_fd = stdin_fd     # None: no console
         self._out = out or sys.stdout
         self.scheduler = None
         self._ledger = None
@@ -3157,6 +3621,12 @@ class Threadward:
 
     def run(self):
         """Run the project; returns the exit code (ConfigError before anything runs)."""
+        if _importing_for_worker:
+            raise ConfigError("a worker importing this script (to find what it runs) came to "
+                              "this run, which would start the sweep again in every worker; "
+                              "put it under `if __name__ == \"__main__\":`", _caller_site())
+        if self.project.sweep is not None:
+            os.makedirs(self.project.config_dir, exist_ok=True)   # checked: now it may
         if not os.path.isdir(self.project.directory):
             raise ConfigError("%s is not a directory; give the project directory (the one "
                               "holding threadward/)" % self.project.directory)
@@ -3192,6 +3662,8 @@ class Threadward:
                      "again)" % ledger.skipped)
             return EXIT_OK
         self._cap_workers()
+        self._note_ignored_files()
+        project.write_worker_spec()
         ledger.open(self.fresh)
         self.say("%s%s on %s%s; task output in %s" % (
             "%d of %d tasks already succeeded; running " % (
@@ -3203,7 +3675,8 @@ class Threadward:
         self._next_sample = ledger.started + STATUS_INTERVAL
         try:
             self._signals.install(self._selector)
-            _Console(self, self._stdin_fd).register(self._selector)
+            if self._stdin_fd is not None:
+                _Console(self, self._stdin_fd).register(self._selector)
             _become_subreaper()
             if not self._call_main_hook("before_all_tasks"):
                 self._stop("before_all_tasks raised")
@@ -3242,11 +3715,21 @@ class Threadward:
         for line in self._places.cap(self._ledger.total, self.project, self._launcher):
             self.say(line)
 
+    def _note_ignored_files(self):
+        """A sweep from code in a folder that holds project files reads none of them."""
+        if self.project.sweep is None:
+            return
+        found = [name for name in CONFIG_FILES if os.path.exists(self.project.path(name))]
+        if found:
+            self.say("note: a sweep from code reads none of the project files; %s in %s "
+                     "%s ignored" % (", ".join(found), _display_path(self.project.config_dir),
+                                     "is" if len(found) == 1 else "are"))
+
     def _prepare_queue(self):
         """Expand, check IDs, stream all_tasks.json, fill the scheduler."""
         project = self.project
         if _case_insensitive(project.queue_dir):
-            _check_case_collisions(project.variable_set, project.path("variable_iteration.py"))
+            _check_case_collisions(project.variable_set, project.variables_where())
         succeeded = set() if self.fresh else self._ledger.read_succeeded()
         self.scheduler = _Scheduler(len(project.variable_set.variables))
         self._ledger.skipped = _write_task_list(project, succeeded, self.scheduler)
@@ -3261,15 +3744,25 @@ class Threadward:
 
     def _loop(self):
         while self._workers or self._places.retries:
-            self._wait_for_events()
-            if time.monotonic() >= self._next_deadline:
-                self._expire_deadlines()
-            self._reap_workers()
-            self._assign_tasks()
-            line = self._ledger.progress()
-            if line:
-                self.say(line)
-            self._write_results()
+            try:
+                self._step()
+            except KeyboardInterrupt:
+                # A Ctrl-C, or a notebook's interrupt, that Python's own
+                # handler turned into an exception: the same as ours.
+                if not self._signals.take_back_sigint():
+                    self._on_signal(signal.SIGINT)
+
+    def _step(self):
+        """One turn of the loop: events, deadlines, exits, new tasks, results."""
+        self._wait_for_events()
+        if time.monotonic() >= self._next_deadline:
+            self._expire_deadlines()
+        self._reap_workers()
+        self._assign_tasks()
+        line = self._ledger.progress()
+        if line:
+            self.say(line)
+        self._write_results()
 
     def _wait_for_events(self):
         for key, _ in self._selector.select(self._next_timeout()):
@@ -3796,10 +4289,11 @@ class _Children:
 class _WorkerProcess:
     """Runs inside a worker subprocess: reads tasks, runs them, reports."""
 
-    def __init__(self, project_dir, worker_id, report_stats=False):
+    def __init__(self, project_dir, worker_id, report_stats=False, read_spec=False):
         self.project = _Project(project_dir)
         self.worker_id = worker_id
         self.report_stats = report_stats   # launched elsewhere: say our own figures
+        self.read_spec = read_spec         # import what task_queue/sweep.json names
         self._send_lock = threading.Lock()
         self._sigterm_raises = False
         self._sigterm_pending = False
@@ -3894,7 +4388,7 @@ class _WorkerProcess:
         watchdog = _Watchdog(self.channel_in, self.take_cancels)
         try:
             _enter_project(self.project)
-            self.project.load_for_worker()
+            self.project.load_for_worker(self.read_spec)
             self.converters = self.project.converters()
             self.spec = self.project.task_module
             self._call_hook("before_each_worker", self.worker_id)
@@ -4383,7 +4877,8 @@ def _worker_main(argv):
     import atexit
     project_dir, worker_id = argv[0], int(argv[1])
     _pin_cpus(os.environ.pop(CPUS_ENV, None))
-    worker = _WorkerProcess(project_dir, worker_id, report_stats="--report-stats" in argv[2:])
+    worker = _WorkerProcess(project_dir, worker_id, report_stats="--report-stats" in argv[2:],
+                            read_spec="--sweep" in argv[2:])
     # Registered before any user code imports multiprocessing: it runs last.
     atexit.register(worker.children.end_all)
     code = 1
