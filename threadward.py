@@ -85,6 +85,7 @@ import collections
 import errno
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import select
@@ -1007,16 +1008,130 @@ def _task_of(project, indices):
     return Task(task_id, indices, project.output_dir + os.sep + task_id)
 
 
-def _write_task_list(project, succeeded, scheduler):
+class _Selection:
+    """The tasks `run --only NAME=VALUE[,VALUE...] --limit N` runs.
+
+    ``--only`` keeps the tasks whose NAME is one of the VALUEs (values or
+    nicknames; several options must all hold).  ``--limit N`` keeps, of
+    those not yet succeeded, the first N in task-list order: the order of
+    all_tasks.json, which is the hierarchy order the scheduler works
+    through.  all_tasks.json still lists every task.  ``takes`` counts as
+    the tasks stream past; ``lines`` then says what was selected."""
+
+    SHOWN_VALUES = 10   # values listed when one is not found
+
+    def __init__(self, variable_set, only=(), limit=None):
+        self.only = list(only or ())
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise ThreadwardError("--limit %r: give a whole number of tasks, 1 or more" % (limit,))
+        self.limit = limit
+        depths = {v.name: depth for depth, v in enumerate(variable_set.variables)}
+        allowed = {}
+        for option in self.only:
+            depth, indices = self._parse(option, variable_set, depths)
+            allowed[depth] = allowed[depth] & indices if depth in allowed else indices
+        self._allowed = sorted(allowed.items())
+        self.seen = self.matched = self.left = 0
+
+    @classmethod
+    def _parse(cls, option, variable_set, depths):
+        """(depth of the variable, the value indices it allows) for one --only."""
+        name, equals, listed = str(option).partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise ThreadwardError("--only %s: give NAME=VALUE[,VALUE...], e.g. --only %s=%s"
+                                  % (option, *cls._example(variable_set)))
+        if name not in depths:
+            raise ThreadwardError("--only %s: there is no variable %r; the variables are %s"
+                                  % (option, name, ", ".join(depths)))
+        variable = variable_set.variables[depths[name]]
+        matches = cls._matches(variable)
+        # A value that itself holds a comma is taken whole.
+        texts = [listed] if listed in matches else [text.strip() for text in listed.split(",")]
+        indices = set()
+        for text in texts:
+            if text not in matches:
+                raise ThreadwardError("--only %s: %r is not a value or nickname of %s; %s"
+                                      % (option, text, name, cls._describe(variable)))
+            indices.update(matches[text])
+        return depths[name], frozenset(indices)
+
+    @staticmethod
+    def _matches(variable):
+        """{text: value indices} for every way to name a value: its str(),
+        its nickname, and for true/false/null their JSON spelling too."""
+        matches = {}
+        for index, (value, nickname) in enumerate(variable.pairs()):
+            texts = {str(value), nickname}
+            if value is None or isinstance(value, bool):
+                texts.add(_json_text(value))
+            for text in texts:
+                matches.setdefault(text, set()).add(index)
+        return matches
+
+    @classmethod
+    def _describe(cls, variable):
+        pairs = list(itertools.islice(variable.pairs(), cls.SHOWN_VALUES))
+        shown = ", ".join(str(value) if str(value) == nickname else "%s or %s" % (value, nickname)
+                          for value, nickname in pairs)
+        more = len(variable.values) - len(pairs)
+        return "its values are %s%s" % (shown, ", ... (%d more)" % more if more else "")
+
+    @staticmethod
+    def _example(variable_set):
+        if not variable_set.variables:
+            return "NAME", "VALUE"
+        first = variable_set.variables[0]
+        return first.name, first.nickname(0)
+
+    def takes(self, indices, done):
+        """Whether this run covers the task: it matches every --only, and it
+        has succeeded before (``done``: it is skipped, as every rerun skips
+        those) or is one of the first --limit still to run."""
+        self.seen += 1
+        for depth, allowed in self._allowed:
+            if indices[depth] not in allowed:
+                return False
+        self.matched += 1
+        if done:
+            return True
+        self.left += 1
+        return self.limit is None or self.left <= self.limit
+
+    @property
+    def running(self):
+        return self.left if self.limit is None else min(self.left, self.limit)
+
+    def lines(self):
+        """What was selected, once every task has been through ``takes``.
+        Raises ThreadwardError if --only leaves no task."""
+        lines = []
+        if self.only:
+            given = " ".join("--only %s" % option for option in self.only)
+            if not self.matched:
+                raise ThreadwardError("%s: no task has all of these (each exists, but not in "
+                                      "one task together); nothing was run" % given)
+            lines.append("%s: %d of %s selected" % (given, self.matched,
+                                                    _plural(self.seen, "task")))
+        if self.limit is not None:
+            lines.append("--limit %d: %s" % (self.limit, (
+                "the first %d of the %d tasks to run (in task-list order)"
+                % (self.limit, self.left) if self.left > self.limit else
+                "all %s to run" % _plural(self.left, "task"))))
+        return lines
+
+
+def _write_task_list(project, succeeded, scheduler, selection=None):
     """Expand the variables into task_queue/all_tasks.json, streamed and
     written whole or not at all, checking every task ID; the tasks not in
-    ``succeeded`` go into ``scheduler``.  Returns how many were skipped."""
+    ``succeeded`` (and taken by ``selection``, if any) go into
+    ``scheduler``.  Returns how many were skipped."""
     path = os.path.join(project.queue_dir, "all_tasks.json")
     temporary = "%s.tmp%d" % (path, os.getpid())
     _remove_stale_temporaries(project.queue_dir)   # ours alone: we hold the lock
     try:
         with open(temporary, "w", buffering=1 << 20) as stream:
-            skipped = _stream_tasks(project, stream, succeeded, scheduler)
+            skipped = _stream_tasks(project, stream, succeeded, scheduler, selection)
         os.replace(temporary, path)
     except BaseException as exc:
         try:
@@ -1030,7 +1145,7 @@ def _write_task_list(project, succeeded, scheduler):
     return skipped
 
 
-def _stream_tasks(project, stream, succeeded, scheduler):
+def _stream_tasks(project, stream, succeeded, scheduler, selection=None):
     variable_set = project.variable_set
     location = project.folder_location
     where = _display_path(project.path("variable_iteration.py"))
@@ -1059,6 +1174,8 @@ def _stream_tasks(project, stream, succeeded, scheduler):
             separator, _json_text(task_id), _json_text(output_root + "/" + task_id),
             variable_set.json_fragment(indices)))
         separator = ",\n"
+        if selection is not None and not selection.takes(indices, task_id in succeeded):
+            continue
         if task_id in succeeded:
             skipped += 1
         else:
@@ -2246,15 +2363,29 @@ class _Places:
         return where + ", GPUs %s" % ",".join(used)
 
 
-def _dry_run_lines(project, places, launcher):
+def _dry_run_lines(project, places, launcher, selection=None, succeeded=frozenset()):
     """What `run --dry-run` prints: the tasks (the first ten) and where each
-    worker would run."""
-    count, shown = 0, []
-    for indices in project.variable_set.iter_indices():
+    worker would run.  With a ``selection`` (--only, --limit): what it
+    selected, and the tasks a run would run (not those in ``succeeded``)."""
+    count, done, shown = 0, 0, []
+    variable_set = project.variable_set
+    for indices in variable_set.iter_indices():
+        if selection is not None:
+            succeeded_before = bool(succeeded) and _task_id(
+                variable_set.folder_names(indices), project.folder_location) in succeeded
+            if not selection.takes(indices, succeeded_before):
+                continue
+            if succeeded_before:
+                done += 1
+                continue
         count += 1
         if len(shown) < 10:
             shown.append(_task_of(project, indices))
-    lines = ["dry run: %d tasks; nothing is started" % count]
+    if selection is None:
+        lines = ["dry run: %d tasks; nothing is started" % count]
+    else:
+        lines = selection.lines() + ["dry run: %s to run%s; nothing is started" % (
+            _plural(count, "task"), ", %d already succeeded" % done if done else "")]
     lines += ["  %-40s %s" % (task.task_id, _display_path(task.folder)) for task in shown]
     if count > len(shown):
         lines.append("  ... and %d more" % (count - len(shown)))
@@ -3058,12 +3189,19 @@ class Threadward:
     """Runs a project: ``Threadward(directory).run()`` returns the exit code.
 
     The verbs of a running sweep (the console calls them): ``quit``,
-    ``show``, ``add_worker``, ``remove_worker``."""
+    ``show``, ``add_worker``, ``remove_worker``.
 
-    def __init__(self, directory=".", fresh=False, dry_run=False, stdin_fd=0, out=None):
+    ``only`` and ``limit`` select what runs, as `run --only` and `--limit`
+    do: ``only=["model=gpt2,bert", "seed=0"]``, ``limit=1``."""
+
+    def __init__(self, directory=".", fresh=False, dry_run=False, stdin_fd=0, out=None,
+                 only=(), limit=None):
         self.project = _Project(directory)
         self.fresh = fresh
         self.dry_run = dry_run
+        self.only = list(only or ())
+        self.limit = limit
+        self._selection = None        # _Selection, when only or limit is given
         self._stdin_fd = stdin_fd
         self._out = out or sys.stdout
         self.scheduler = None
@@ -3101,6 +3239,8 @@ class Threadward:
     def _run(self):
         project = self.project
         project.load()
+        if self.only or self.limit is not None:   # a mistake here: nothing runs
+            self._selection = _Selection(project.variable_set, self.only, self.limit)
         self._plan_workers()
         if self.dry_run:
             return self._print_dry_run()
@@ -3124,9 +3264,10 @@ class Threadward:
             return EXIT_OK
         self._cap_workers()
         ledger.open(self.fresh)
+        covered = self._selection.matched if self._selection else ledger.skipped + ledger.total
         self.say("%s%s on %s%s; task output in %s" % (
             "%d of %d tasks already succeeded; running " % (
-                ledger.skipped, ledger.skipped + ledger.total) if ledger.skipped else "running ",
+                ledger.skipped, covered) if ledger.skipped else "running ",
             _plural(ledger.total, "task"), _plural(self._places.starting, "worker"),
             self._places.summary(self.project, self._launcher), _display_path(project.output_dir)))
         self._selector = _Selector()
@@ -3180,11 +3321,20 @@ class Threadward:
             _check_case_collisions(project.variable_set, project.path("variable_iteration.py"))
         succeeded = set() if self.fresh else self._ledger.read_succeeded()
         self.scheduler = _Scheduler(len(project.variable_set.variables))
-        self._ledger.skipped = _write_task_list(project, succeeded, self.scheduler)
+        self._ledger.skipped = _write_task_list(project, succeeded, self.scheduler,
+                                                self._selection)
         self._ledger.total = len(self.scheduler)
+        if self._selection is not None:
+            for line in self._selection.lines():
+                self.say(line)
 
     def _print_dry_run(self):
-        for line in _dry_run_lines(self.project, self._places, self._launcher):
+        # --limit counts the tasks still to run: a dry run reads (only
+        # reads) which have succeeded, as the run will.
+        succeeded = set() if self.fresh or self._selection is None else \
+            _Ledger(self.project.queue_dir).read_succeeded()
+        for line in _dry_run_lines(self.project, self._places, self._launcher,
+                                   self._selection, succeeded):
             self.say(line)
         return EXIT_OK
 
@@ -4484,9 +4634,25 @@ def _build_parser():
                      help="forget earlier results and run every task again")
     run.add_argument("--dry-run", action="store_true",
                      help="print the tasks, workers and GPUs, and run nothing")
+    run.add_argument("--only", action="append", default=[], metavar="NAME=VALUE[,VALUE...]",
+                     help="run only the tasks whose variable NAME has one of these values "
+                          "(or nicknames); repeat it for several variables (all must hold)")
+    run.add_argument("--limit", type=_positive_int, metavar="N",
+                     help="run at most N tasks: the first N still to run, in task-list order")
     status = commands.add_parser("status", help="show a running sweep (from another terminal)")
     status.add_argument("directory", nargs="?", default=".", metavar="DIR")
     return parser
+
+
+def _positive_int(text):
+    import argparse
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError("%r is not a whole number of tasks, 1 or more" % text)
+    return number
 
 
 def _cmd_init(args):
@@ -4494,7 +4660,8 @@ def _cmd_init(args):
 
 
 def _cmd_run(args):
-    return Threadward(args.directory, fresh=args.fresh, dry_run=args.dry_run).run()
+    return Threadward(args.directory, fresh=args.fresh, dry_run=args.dry_run,
+                      only=args.only, limit=args.limit).run()
 
 
 def _cmd_status(args):
