@@ -1016,7 +1016,11 @@ class _Selection:
     those not yet succeeded, the first N in task-list order: the order of
     all_tasks.json, which is the hierarchy order the scheduler works
     through.  all_tasks.json still lists every task.  ``takes`` counts as
-    the tasks stream past; ``lines`` then says what was selected."""
+    the tasks stream past; ``lines`` then says what was selected.
+
+    With --fresh, only the results of the tasks --only selects are
+    forgotten (``previous`` set: the IDs of those go to ``forgotten``);
+    --limit only says how many of them run now."""
 
     SHOWN_VALUES = 10   # values listed when one is not found
 
@@ -1032,6 +1036,8 @@ class _Selection:
             allowed[depth] = allowed[depth] & indices if depth in allowed else indices
         self._allowed = sorted(allowed.items())
         self.seen = self.matched = self.left = 0
+        self.previous = None          # successful_tasks.txt's IDs, for --fresh --only
+        self.forgotten = set()
 
     @classmethod
     def _parse(cls, option, variable_set, depths):
@@ -1084,7 +1090,7 @@ class _Selection:
         first = variable_set.variables[0]
         return first.name, first.nickname(0)
 
-    def takes(self, indices, done):
+    def takes(self, indices, done, task_id=None):
         """Whether this run covers the task: it matches every --only, and it
         has succeeded before (``done``: it is skipped, as every rerun skips
         those) or is one of the first --limit still to run."""
@@ -1093,6 +1099,8 @@ class _Selection:
             if indices[depth] not in allowed:
                 return False
         self.matched += 1
+        if self.previous is not None and task_id in self.previous:
+            self.forgotten.add(task_id)
         if done:
             return True
         self.left += 1
@@ -1174,7 +1182,7 @@ def _stream_tasks(project, stream, succeeded, scheduler, selection=None):
             separator, _json_text(task_id), _json_text(output_root + "/" + task_id),
             variable_set.json_fragment(indices)))
         separator = ",\n"
-        if selection is not None and not selection.takes(indices, task_id in succeeded):
+        if selection is not None and not selection.takes(indices, task_id in succeeded, task_id):
             continue
         if task_id in succeeded:
             skipped += 1
@@ -2639,6 +2647,28 @@ class _Ledger:
         lines.pop()   # empty after a final newline; a torn last line otherwise
         return {line.decode("utf-8", "replace") for line in lines if line}
 
+    def forget(self, task_ids):
+        """Drop ``task_ids`` from successful_tasks.txt (`run --fresh --only`:
+        those run again, the other tasks' results stay), whole or not at all."""
+        if not task_ids:
+            return
+        path = self.path("successful_tasks.txt")
+        with open(path, "rb") as stream:
+            lines = stream.read().split(b"\n")
+        lines.pop()   # empty after a final newline; a torn last line otherwise
+        kept = b"".join(line + b"\n" for line in lines
+                        if line and line.decode("utf-8", "replace") not in task_ids)
+        temporary = "%s.tmp%d" % (path, os.getpid())
+        try:
+            with open(temporary, "wb") as stream:
+                stream.write(kept)
+            os.replace(temporary, path)
+        except OSError as exc:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise ThreadwardError("cannot rewrite %s: %s; nothing was run"
+                                  % (_display_path(path), exc.strerror or exc))
+
     def open(self, fresh):
         """Open both files for appending: failed_tasks.txt starts empty each
         run (its tasks run again), successful_tasks.txt only when ``fresh``."""
@@ -3263,7 +3293,7 @@ class Threadward:
                      "again)" % ledger.skipped)
             return EXIT_OK
         self._cap_workers()
-        ledger.open(self.fresh)
+        ledger.open(self.fresh and not (self._selection and self._selection.only))
         covered = self._selection.matched if self._selection else ledger.skipped + ledger.total
         self.say("%s%s on %s%s; task output in %s" % (
             "%d of %d tasks already succeeded; running " % (
@@ -3319,14 +3349,19 @@ class Threadward:
         project = self.project
         if _case_insensitive(project.queue_dir):
             _check_case_collisions(project.variable_set, project.path("variable_iteration.py"))
+        selection = self._selection
+        if self.fresh and selection is not None and selection.only:
+            # --fresh --only: the other tasks' results are kept.
+            selection.previous = self._ledger.read_succeeded()
         succeeded = set() if self.fresh else self._ledger.read_succeeded()
         self.scheduler = _Scheduler(len(project.variable_set.variables))
-        self._ledger.skipped = _write_task_list(project, succeeded, self.scheduler,
-                                                self._selection)
+        self._ledger.skipped = _write_task_list(project, succeeded, self.scheduler, selection)
         self._ledger.total = len(self.scheduler)
-        if self._selection is not None:
-            for line in self._selection.lines():
+        if selection is not None:
+            for line in selection.lines():
                 self.say(line)
+            if selection.previous is not None:
+                self._ledger.forget(selection.forgotten)
 
     def _print_dry_run(self):
         # --limit counts the tasks still to run: a dry run reads (only

@@ -82,9 +82,29 @@ def test_repeated_only_is_and_and_a_comma_list_is_or(sweep):
     assert sorted(sweep.successful()) == sorted(
         ["GPT2/happy/s0", "GPT2/happy/s1", "BERT/happy/s0", "BERT/happy/s1"])
     # The same variable twice: both must hold.
-    result = sweep.run("--fresh", "--only", "seed=s0,s1", "--only", "seed=s1,s2")
+    result = sweep.run("--only", "seed=s0,s1", "--only", "seed=s1,s2")
     assert result.returncode == 0, explain(result)
-    assert sorted(sweep.successful()) == ["BERT/happy/s1", "GPT2/happy/s1", "GPT2/sad/s1"]
+    assert ": 3 of 9 tasks selected" in result.stdout, explain(result)
+    assert "2 of 3 tasks already succeeded; running 1 task" in result.stdout, explain(result)
+    assert sweep.successful()[-1] == "GPT2/sad/s1"
+
+
+def test_fresh_with_only_forgets_only_the_selected_tasks(sweep):
+    assert sweep.run().returncode == 0
+    before = sweep.successful()
+    result = sweep.run("--fresh", "--only", "seed=s1")
+    assert result.returncode == 0, explain(result)
+    assert "running 3 tasks" in result.stdout, explain(result)
+    after = sweep.successful()
+    assert [i for i in after if not i.endswith("/s1")] == [i for i in before
+                                                         if not i.endswith("/s1")]
+    assert sorted(after) == sorted(ALL_TASKS)
+    # --limit does not narrow what --fresh forgets: a fresh start, one task first.
+    result = sweep.run("--fresh", "--limit", "1")
+    assert result.returncode == 0, explain(result)
+    assert sweep.successful() == ["GPT2/happy/s0"]
+    result = sweep.run()
+    assert "1 of 9 tasks already succeeded; running 8 tasks" in result.stdout, explain(result)
 
 
 def test_limit_runs_the_first_tasks_still_to_run(sweep):
