@@ -6,6 +6,7 @@ Usage::
 
     threadward init [DIR]      # write DIR/threadward/ from templates/ (or short ones)
     threadward run [DIR]       # expand the variables, start workers, run
+    threadward run --only model=gpt2 --limit 1 [DIR]   # a part of the sweep first
     threadward status [DIR]    # what a running sweep is doing (from its status file)
 
 (`python -m threadward ...` and `python threadward.py ...` work the same.)
@@ -164,6 +165,15 @@ KILL_WAIT = 5.0
 SIGTERM_GRACE = 20.0
 # Progress lines: at least every 10% of the tasks, and at least this often.
 PROGRESS_INTERVAL = 30.0
+# The progress bar (on a terminal, instead of progress lines) is redrawn at
+# most this often: a sweep of short tasks finishes thousands a second, and
+# over ssh each redraw is a packet.  The sample timer's pass (every
+# STATUS_INTERVAL s) draws what a throttled one left out.
+BAR_INTERVAL = 0.2
+BAR_CELLS = 30   # the bar's widest; narrower terminals get a shorter one
+# Colours of the bar (SGR codes): what has succeeded, what has failed.
+# Left out when NO_COLOR is set (https://no-color.org).
+GREEN, RED, PLAIN = "\x1b[32m", "\x1b[31m", "\x1b[0m"
 # A slot whose worker fails to start this many times in a row is given up;
 # the n-th retry waits n * START_RETRY_DELAY s (a host briefly down, srun busy).
 MAX_START_FAILURES = 3
@@ -336,6 +346,16 @@ def _format_duration(seconds):
         return "?"
     seconds = int(round(seconds))
     return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def _format_rate(per_second):
+    """Tasks per second, minute or hour, whichever reads as 1 or more."""
+    if not per_second:
+        return "? tasks/min"
+    for unit, seconds in (("s", 1), ("min", 60), ("h", 3600)):
+        rate = per_second * seconds
+        if rate >= 1 or unit == "h":
+            return ("%.1f tasks/%s" if rate < 100 else "%d tasks/%s") % (rate, unit)
 
 
 def _format_bytes(count):
@@ -2759,6 +2779,30 @@ class _Ledger:
                 _format_duration(self.eta()))
         return None
 
+    def bar(self, width, busy, idle, colour=False):
+        """The progress bar's line, ``width`` columns at most (colour codes
+        aside): the bar, done/total, failed, rate, the ETA (`show` and
+        status.json read the same estimate), workers busy and idle."""
+        done, total = self.done, self.total or 1
+        elapsed = self.elapsed()
+        facts = [("%d/%d" % (done, self.total), None)]
+        if self.failed:
+            facts.append(("%d failed" % self.failed, RED))
+        facts += [(_format_rate(done / elapsed if done and elapsed > 0 else None), None),
+                  ("ETA %s" % _format_duration(self.eta()), None),
+                  ("workers: %d busy, %d idle" % (busy, idle), None)]
+        cells = min(BAR_CELLS, width - 2 - sum(len(text) + 2 for text, _ in facts))
+        if cells < 5:   # a narrow terminal: the figures, cut to fit, no bar
+            return "  ".join(text for text, _ in facts)[:width]
+        good = cells * self.succeeded // total
+        bad = cells * done // total - good
+        pieces = [("[", None), ("#" * good, GREEN), ("#" * bad, RED),
+                  ("." * (cells - good - bad) + "]", None)]
+        for fact in facts:
+            pieces += [("  ", None), fact]
+        return "".join(code + text + PLAIN if colour and code and text else text
+                       for text, code in pieces)
+
     def overview(self):
         """The first lines of `show`."""
         done, durations = self.done, self._durations
@@ -3110,7 +3154,8 @@ class _Signals:
         self._fds = None
         self._previous = {}
 
-    def install(self, selector):
+    def install(self, selector, extra=()):
+        """Handle HANDLED and the ``extra`` signals (those the bar needs)."""
         if threading.current_thread() is not threading.main_thread():
             return   # only the main thread may: a library caller's thread runs without
         read_fd, write_fd = os.pipe()
@@ -3118,9 +3163,11 @@ class _Signals:
         os.set_blocking(write_fd, False)
         self._fds = (read_fd, write_fd)
         self._previous["wakeup"] = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        for sig in self.HANDLED:
-            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
-                continue   # `nohup threadward run`: the user asked to ride out a hang-up
+        for sig in self.HANDLED + tuple(extra):
+            if sig in (signal.SIGHUP, signal.SIGTSTP) and signal.getsignal(sig) == signal.SIG_IGN:
+                # `nohup threadward run`: the user asked to ride out a hang-up;
+                # SIGTSTP ignored: a shell without job control started us.
+                continue
             self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
         selector.register(read_fd, selectors.EVENT_READ, self._on_readable)
 
@@ -3143,6 +3190,131 @@ class _Signals:
         for signum in data:
             if signum != signal.SIGCHLD:
                 self.on_signal(signum)
+
+
+class _StatusBar:
+    """The progress bar: the bottom row of a terminal, redrawn in place.
+
+    The rows above it are made the terminal's scrolling region (DECSTBM), so
+    whatever is written there -- our messages, `show`'s table, and what
+    workers write to the terminal themselves in the CONSOLE_ONLY and
+    LOG_FILE_AND_CONSOLE modes, which we never see -- scrolls without
+    touching the bar, and nothing has to be cleared and redrawn around it.
+    Lines scrolled off the top still go to the scrollback (xterm, VTE, tmux
+    keep those of a region that starts at the top row).
+
+    A redraw saves the cursor, writes the bottom row and restores the cursor
+    (DECSC/DECRC), in one write(2), which a tty never interleaves with the
+    writes of other processes or with its echo.  So what the user is typing,
+    echoed by the terminal at the cursor in cooked mode, is neither moved
+    nor overwritten; the console reads it as always, a line at a time.
+
+    The region outlives us only if we are killed (SIGKILL); `reset` or
+    `tput reset` gives the shell its whole screen back.  Ctrl-Z and resizes
+    are handled (``close``/``open``, ``resized``); after a resize an old copy
+    of the bar may be left among the lines above."""
+
+    # SIGWINCH: the terminal was resized; SIGTSTP (Ctrl-Z): give the terminal
+    # back before stopping; SIGCONT: draw again.
+    SIGNALS = (signal.SIGWINCH, signal.SIGTSTP, signal.SIGCONT)
+    MIN_ROWS, MIN_COLUMNS = 4, 30
+    SAVE, RESTORE = "\x1b7", "\x1b8"
+
+    def __init__(self, out, size, colour, on_gone):
+        self._out = out
+        self.rows, self.columns = size.lines, size.columns
+        self.colour = colour
+        self._on_gone = on_gone       # called if the terminal can no longer be written
+        self.active = False           # between start and finish
+        self.is_open = False          # holding the bottom row now
+        self._shown = None            # the text on the bottom row now
+        self._drawn_at = None
+
+    @classmethod
+    def for_terminal(cls, out, on_gone, environ=None):
+        """A bar on ``out``, or None where plain lines are right: not a
+        terminal (nohup, sbatch, a pipe, a file), TERM unset or "dumb" (an
+        editor's shell buffer), or a terminal too small to give up a row."""
+        environ = os.environ if environ is None else environ
+        try:
+            if not out.isatty():
+                return None
+            size = os.get_terminal_size(out.fileno())
+        except (AttributeError, OSError, ValueError):
+            return None
+        if environ.get("TERM", "dumb") == "dumb" or not cls._fits(size.lines, size.columns):
+            return None
+        return cls(out, size, not environ.get("NO_COLOR"), on_gone)
+
+    @classmethod
+    def _fits(cls, rows, columns):
+        return rows >= cls.MIN_ROWS and columns >= cls.MIN_COLUMNS
+
+    @property
+    def width(self):
+        return self.columns - 1   # the last column left empty: no line wrap, ever
+
+    def start(self):
+        self.active = True
+        self.open()
+
+    def finish(self):
+        self.active = False
+        self.close()
+
+    def resume(self):
+        """After Ctrl-Z and `fg`, or a resize: take the bottom row again."""
+        if self.active and not self.is_open and self._fits(self.rows, self.columns):
+            self.open()
+
+    def open(self):
+        """Take the bottom row; the rows above become the scrolling region."""
+        # Setting the region moves the cursor to the top left; the saved
+        # position is restored, then moved up one row, which the newline made
+        # free: the cursor is usually on the bottom row, which the bar takes.
+        self._write("\n%s\x1b[1;%dr%s\x1b[A" % (self.SAVE, self.rows - 1, self.RESTORE))
+        self.is_open = True
+        self._shown = None
+
+    def due(self, now):
+        """Whether a redraw may come now (one every BAR_INTERVAL s at most)."""
+        return self.is_open and (self._drawn_at is None or now - self._drawn_at >= BAR_INTERVAL)
+
+    def draw(self, text, now):
+        if text != self._shown:
+            self._write("%s\x1b[%d;1H\x1b[2K%s%s" % (self.SAVE, self.rows, text, self.RESTORE))
+            self._shown = text
+            self._drawn_at = now
+
+    def close(self, erase=True):
+        """Give the whole screen back to scrolling; the bar's row is erased
+        (not after a resize: that row may now hold other lines)."""
+        if not self.is_open:
+            return
+        self.is_open = False
+        erase_row = "\x1b[%d;1H\x1b[2K" % self.rows if erase else ""
+        self._write("%s\x1b[r%s%s" % (self.SAVE, erase_row, self.RESTORE))
+
+    def resized(self):
+        """SIGWINCH: the region and the bar move to the new bottom row (a
+        terminal too small for one gets the plain progress lines)."""
+        try:
+            size = os.get_terminal_size(self._out.fileno())
+        except (OSError, ValueError):
+            return
+        if (size.lines, size.columns) == (self.rows, self.columns):
+            return
+        self.close(erase=False)
+        self.rows, self.columns = size.lines, size.columns
+        self.resume()
+
+    def _write(self, text):
+        try:
+            self._out.write(text)
+            self._out.flush()
+        except (OSError, ValueError):
+            self.is_open = False
+            self._on_gone()
 
 
 class _Console:
@@ -3232,6 +3404,7 @@ class Threadward:
         self.only = list(only or ())
         self.limit = limit
         self._selection = None        # _Selection, when only or limit is given
+        self._bar = None              # _StatusBar, when the output is a terminal
         self._stdin_fd = stdin_fd
         self._out = out or sys.stdout
         self.scheduler = None
@@ -3303,8 +3476,9 @@ class Threadward:
         self._selector = _Selector()
         self._monitor = _Monitor(self._selector, self._gpu_uuids)
         self._next_sample = ledger.started + STATUS_INTERVAL
+        self._bar = _StatusBar.for_terminal(self._out, self._terminal_gone)
         try:
-            self._signals.install(self._selector)
+            self._signals.install(self._selector, _StatusBar.SIGNALS if self._bar else ())
             _Console(self, self._stdin_fd).register(self._selector)
             _become_subreaper()
             if not self._call_main_hook("before_all_tasks"):
@@ -3312,11 +3486,15 @@ class Threadward:
                 return self._print_summary()
             self._own_children = _child_pids()
             try:
+                if self._bar:
+                    self._bar.start()
                 self._start_workers()
                 self._loop()
                 if len(self.scheduler):
                     self._stop("no worker left to run the remaining tasks")
             finally:
+                if self._bar:
+                    self._bar.finish()   # before teardown: after_all_tasks may hang
                 self._stop_all_workers()
                 self._write_results()
                 if not self._call_main_hook("after_all_tasks"):
@@ -3382,10 +3560,24 @@ class Threadward:
                 self._expire_deadlines()
             self._reap_workers()
             self._assign_tasks()
-            line = self._ledger.progress()
-            if line:
-                self.say(line)
+            self._report_progress()
             self._write_results()
+
+    def _report_progress(self):
+        """The bar on a terminal; elsewhere a progress line now and then."""
+        bar = self._bar
+        if bar is not None and bar.is_open:
+            now = time.monotonic()
+            if bar.due(now):
+                busy = idle = 0
+                for worker in self._workers.values():
+                    busy += worker.state == Worker.BUSY
+                    idle += worker.state == Worker.IDLE
+                bar.draw(self._ledger.bar(bar.width, busy, idle, bar.colour), now)
+            return
+        line = self._ledger.progress()
+        if line:
+            self.say(line)
 
     def _wait_for_events(self):
         for key, _ in self._selector.select(self._next_timeout()):
@@ -3750,7 +3942,9 @@ class Threadward:
                 worker.end(Worker.INTERRUPTED)
 
     def _on_signal(self, signum):
-        if signum == signal.SIGINT and self._stopping and not self._interrupting:
+        if signum in _StatusBar.SIGNALS:
+            self._on_terminal_signal(signum)
+        elif signum == signal.SIGINT and self._stopping and not self._interrupting:
             self.say("second Ctrl-C: ending running tasks (recorded as interrupted)")
             self._interrupt_running()
         elif signum == signal.SIGUSR1:   # `kill -USR1 PID`: show, where no console is
@@ -3770,6 +3964,22 @@ class Threadward:
             self._stop("stopped by SIGINT")
             self.say("stopping: no new tasks; running tasks finish "
                      "(press Ctrl-C again to stop running tasks)")
+
+    def _on_terminal_signal(self, signum):
+        """The bar's signals: a resize, Ctrl-Z, and `fg` (or any SIGCONT)."""
+        bar = self._bar
+        if signum == signal.SIGTSTP:
+            # The shell gets its whole screen back while we are stopped.
+            # Workers run on: they are in process groups of their own.
+            if bar is not None:
+                bar.close()
+            os.kill(os.getpid(), signal.SIGSTOP)   # returns after `fg` (SIGCONT)
+        if bar is None or self._bar is not bar:
+            return
+        if signum == signal.SIGWINCH:
+            bar.resized()
+        else:
+            bar.resume()   # after Ctrl-Z, `fg`: the bar comes back below what the shell wrote
 
     # -- the verbs of a running sweep ---------------------------------------
 
@@ -3830,6 +4040,7 @@ class Threadward:
     def _terminal_gone(self):
         """Our output can no longer be written (the terminal closed, the pipe's
         reader left): the run goes on silently; what it records is on disk."""
+        self._bar = None
         null = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
             os.dup2(null, fd)   # Python's flush at exit must not fail either
