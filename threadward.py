@@ -4877,7 +4877,8 @@ def _build_parser():
                      help="the project directory, holding threadward/ (default: the current "
                           "directory)")
     run.add_argument("--fresh", action="store_true",
-                     help="forget earlier results and run every task again")
+                     help="forget earlier results and run every task again (with --only: "
+                          "those tasks' results only)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the tasks, workers and GPUs, and run nothing")
     run.add_argument("--only", action="append", default=[], metavar="NAME=VALUE[,VALUE...]",
