@@ -6,6 +6,7 @@ Usage::
 
     threadward init [DIR]      # write DIR/threadward/ from templates/ (or short ones)
     threadward run [DIR]       # expand the variables, start workers, run
+    threadward run --only model=gpt2 --limit 1 [DIR]   # a part of the sweep first
     threadward status [DIR]    # what a running sweep is doing (from its status file)
 
 (`python -m threadward ...` and `python threadward.py ...` work the same.)
@@ -92,6 +93,7 @@ import collections
 import errno
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import select
@@ -170,6 +172,15 @@ KILL_WAIT = 5.0
 SIGTERM_GRACE = 20.0
 # Progress lines: at least every 10% of the tasks, and at least this often.
 PROGRESS_INTERVAL = 30.0
+# The progress bar (on a terminal, instead of progress lines) is redrawn at
+# most this often: a sweep of short tasks finishes thousands a second, and
+# over ssh each redraw is a packet.  The sample timer's pass (every
+# STATUS_INTERVAL s) draws what a throttled one left out.
+BAR_INTERVAL = 0.2
+BAR_CELLS = 30   # the bar's widest; narrower terminals get a shorter one
+# Colours of the bar (SGR codes): what has succeeded, what has failed.
+# Left out when NO_COLOR is set (https://no-color.org).
+GREEN, RED, PLAIN = "\x1b[32m", "\x1b[31m", "\x1b[0m"
 # A slot whose worker fails to start this many times in a row is given up;
 # the n-th retry waits n * START_RETRY_DELAY s (a host briefly down, srun busy).
 MAX_START_FAILURES = 3
@@ -349,6 +360,16 @@ def _format_duration(seconds):
         return "?"
     seconds = int(round(seconds))
     return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def _format_rate(per_second):
+    """Tasks per second, minute or hour, whichever reads as 1 or more."""
+    if not per_second:
+        return "? tasks/min"
+    for unit, seconds in (("s", 1), ("min", 60), ("h", 3600)):
+        rate = per_second * seconds
+        if rate >= 1 or unit == "h":
+            return ("%.1f tasks/%s" if rate < 100 else "%d tasks/%s") % (rate, unit)
 
 
 def _format_bytes(count):
@@ -1043,16 +1064,138 @@ def _task_of(project, indices):
     return Task(task_id, indices, project.output_dir + os.sep + task_id)
 
 
-def _write_task_list(project, succeeded, scheduler):
+class _Selection:
+    """The tasks `run --only NAME=VALUE[,VALUE...] --limit N` runs.
+
+    ``--only`` keeps the tasks whose NAME is one of the VALUEs (values or
+    nicknames; several options must all hold).  ``--limit N`` keeps, of
+    those not yet succeeded, the first N in task-list order: the order of
+    all_tasks.json, which is the hierarchy order the scheduler works
+    through.  all_tasks.json still lists every task.  ``takes`` counts as
+    the tasks stream past; ``lines`` then says what was selected.
+
+    With --fresh, only the results of the tasks --only selects are
+    forgotten (``previous`` set: the IDs of those go to ``forgotten``);
+    --limit only says how many of them run now."""
+
+    SHOWN_VALUES = 10   # values listed when one is not found
+
+    def __init__(self, variable_set, only=(), limit=None):
+        self.only = list(only or ())
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise ThreadwardError("--limit %r: give a whole number of tasks, 1 or more" % (limit,))
+        self.limit = limit
+        depths = {v.name: depth for depth, v in enumerate(variable_set.variables)}
+        allowed = {}
+        for option in self.only:
+            depth, indices = self._parse(option, variable_set, depths)
+            allowed[depth] = allowed[depth] & indices if depth in allowed else indices
+        self._allowed = sorted(allowed.items())
+        self.seen = self.matched = self.left = 0
+        self.previous = None          # successful_tasks.txt's IDs, for --fresh --only
+        self.forgotten = set()
+
+    @classmethod
+    def _parse(cls, option, variable_set, depths):
+        """(depth of the variable, the value indices it allows) for one --only."""
+        name, equals, listed = str(option).partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise ThreadwardError("--only %s: give NAME=VALUE[,VALUE...], e.g. --only %s=%s"
+                                  % (option, *cls._example(variable_set)))
+        if name not in depths:
+            raise ThreadwardError("--only %s: there is no variable %r; the variables are %s"
+                                  % (option, name, ", ".join(depths)))
+        variable = variable_set.variables[depths[name]]
+        matches = cls._matches(variable)
+        # A value that itself holds a comma is taken whole.
+        texts = [listed] if listed in matches else [text.strip() for text in listed.split(",")]
+        indices = set()
+        for text in texts:
+            if text not in matches:
+                raise ThreadwardError("--only %s: %r is not a value or nickname of %s; %s"
+                                      % (option, text, name, cls._describe(variable)))
+            indices.update(matches[text])
+        return depths[name], frozenset(indices)
+
+    @staticmethod
+    def _matches(variable):
+        """{text: value indices} for every way to name a value: its str(),
+        its nickname, and for true/false/null their JSON spelling too."""
+        matches = {}
+        for index, (value, nickname) in enumerate(variable.pairs()):
+            texts = {str(value), nickname}
+            if value is None or isinstance(value, bool):
+                texts.add(_json_text(value))
+            for text in texts:
+                matches.setdefault(text, set()).add(index)
+        return matches
+
+    @classmethod
+    def _describe(cls, variable):
+        pairs = list(itertools.islice(variable.pairs(), cls.SHOWN_VALUES))
+        shown = ", ".join(str(value) if str(value) == nickname else "%s or %s" % (value, nickname)
+                          for value, nickname in pairs)
+        more = len(variable.values) - len(pairs)
+        return "its values are %s%s" % (shown, ", ... (%d more)" % more if more else "")
+
+    @staticmethod
+    def _example(variable_set):
+        if not variable_set.variables:
+            return "NAME", "VALUE"
+        first = variable_set.variables[0]
+        return first.name, first.nickname(0)
+
+    def takes(self, indices, done, task_id=None):
+        """Whether this run covers the task: it matches every --only, and it
+        has succeeded before (``done``: it is skipped, as every rerun skips
+        those) or is one of the first --limit still to run."""
+        self.seen += 1
+        for depth, allowed in self._allowed:
+            if indices[depth] not in allowed:
+                return False
+        self.matched += 1
+        if self.previous is not None and task_id in self.previous:
+            self.forgotten.add(task_id)
+        if done:
+            return True
+        self.left += 1
+        return self.limit is None or self.left <= self.limit
+
+    @property
+    def running(self):
+        return self.left if self.limit is None else min(self.left, self.limit)
+
+    def lines(self):
+        """What was selected, once every task has been through ``takes``.
+        Raises ThreadwardError if --only leaves no task."""
+        lines = []
+        if self.only:
+            given = " ".join("--only %s" % option for option in self.only)
+            if not self.matched:
+                raise ThreadwardError("%s: no task has all of these (each exists, but not in "
+                                      "one task together); nothing was run" % given)
+            lines.append("%s: %d of %s selected" % (given, self.matched,
+                                                    _plural(self.seen, "task")))
+        if self.limit is not None:
+            lines.append("--limit %d: %s" % (self.limit, (
+                "the first %d of the %d tasks to run (in task-list order)"
+                % (self.limit, self.left) if self.left > self.limit else
+                "all %s to run" % _plural(self.left, "task"))))
+        return lines
+
+
+def _write_task_list(project, succeeded, scheduler, selection=None):
     """Expand the variables into task_queue/all_tasks.json, streamed and
     written whole or not at all, checking every task ID; the tasks not in
-    ``succeeded`` go into ``scheduler``.  Returns how many were skipped."""
+    ``succeeded`` (and taken by ``selection``, if any) go into
+    ``scheduler``.  Returns how many were skipped."""
     path = os.path.join(project.queue_dir, "all_tasks.json")
     temporary = "%s.tmp%d" % (path, os.getpid())
     _remove_stale_temporaries(project.queue_dir)   # ours alone: we hold the lock
     try:
         with open(temporary, "w", buffering=1 << 20) as stream:
-            skipped = _stream_tasks(project, stream, succeeded, scheduler)
+            skipped = _stream_tasks(project, stream, succeeded, scheduler, selection)
         os.replace(temporary, path)
     except BaseException as exc:
         try:
@@ -1066,7 +1209,7 @@ def _write_task_list(project, succeeded, scheduler):
     return skipped
 
 
-def _stream_tasks(project, stream, succeeded, scheduler):
+def _stream_tasks(project, stream, succeeded, scheduler, selection=None):
     variable_set = project.variable_set
     location = project.folder_location
     where = project.variables_where()
@@ -1095,6 +1238,8 @@ def _stream_tasks(project, stream, succeeded, scheduler):
             separator, _string_text(task_id), _string_text(output_root + "/" + task_id),
             variable_set.json_fragment(indices)))
         separator = ",\n"
+        if selection is not None and not selection.takes(indices, task_id in succeeded, task_id):
+            continue
         if task_id in succeeded:
             skipped += 1
         else:
@@ -2688,15 +2833,29 @@ class _Places:
         return where + ", GPUs %s" % ",".join(used)
 
 
-def _dry_run_lines(project, places, launcher):
+def _dry_run_lines(project, places, launcher, selection=None, succeeded=frozenset()):
     """What `run --dry-run` prints: the tasks (the first ten) and where each
-    worker would run."""
-    count, shown = 0, []
-    for indices in project.variable_set.iter_indices():
+    worker would run.  With a ``selection`` (--only, --limit): what it
+    selected, and the tasks a run would run (not those in ``succeeded``)."""
+    count, done, shown = 0, 0, []
+    variable_set = project.variable_set
+    for indices in variable_set.iter_indices():
+        if selection is not None:
+            succeeded_before = bool(succeeded) and _task_id(
+                variable_set.folder_names(indices), project.folder_location) in succeeded
+            if not selection.takes(indices, succeeded_before):
+                continue
+            if succeeded_before:
+                done += 1
+                continue
         count += 1
         if len(shown) < 10:
             shown.append(_task_of(project, indices))
-    lines = ["dry run: %d tasks; nothing is started" % count]
+    if selection is None:
+        lines = ["dry run: %d tasks; nothing is started" % count]
+    else:
+        lines = selection.lines() + ["dry run: %s to run%s; nothing is started" % (
+            _plural(count, "task"), ", %d already succeeded" % done if done else "")]
     lines += ["  %-40s %s" % (task.task_id, _display_path(task.folder)) for task in shown]
     if count > len(shown):
         lines.append("  ... and %d more" % (count - len(shown)))
@@ -2962,6 +3121,28 @@ class _Ledger:
         lines.pop()   # empty after a final newline; a torn last line otherwise
         return {line.decode("utf-8", "replace") for line in lines if line}
 
+    def forget(self, task_ids):
+        """Drop ``task_ids`` from successful_tasks.txt (`run --fresh --only`:
+        those run again, the other tasks' results stay), whole or not at all."""
+        if not task_ids:
+            return
+        path = self.path("successful_tasks.txt")
+        with open(path, "rb") as stream:
+            lines = stream.read().split(b"\n")
+        lines.pop()   # empty after a final newline; a torn last line otherwise
+        kept = b"".join(line + b"\n" for line in lines
+                        if line and line.decode("utf-8", "replace") not in task_ids)
+        temporary = "%s.tmp%d" % (path, os.getpid())
+        try:
+            with open(temporary, "wb") as stream:
+                stream.write(kept)
+            os.replace(temporary, path)
+        except OSError as exc:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise ThreadwardError("cannot rewrite %s: %s; nothing was run"
+                                  % (_display_path(path), exc.strerror or exc))
+
     def open(self, fresh):
         """Open both files for appending: failed_tasks.txt starts empty each
         run (its tasks run again), successful_tasks.txt only when ``fresh``."""
@@ -3051,6 +3232,30 @@ class _Ledger:
                 _format_duration(self.elapsed()), done, self.total, self.failed,
                 _format_duration(self.eta()))
         return None
+
+    def bar(self, width, busy, idle, colour=False):
+        """The progress bar's line, ``width`` columns at most (colour codes
+        aside): the bar, done/total, failed, rate, the ETA (`show` and
+        status.json read the same estimate), workers busy and idle."""
+        done, total = self.done, self.total or 1
+        elapsed = self.elapsed()
+        facts = [("%d/%d" % (done, self.total), None)]
+        if self.failed:
+            facts.append(("%d failed" % self.failed, RED))
+        facts += [(_format_rate(done / elapsed if done and elapsed > 0 else None), None),
+                  ("ETA %s" % _format_duration(self.eta()), None),
+                  ("workers: %d busy, %d idle" % (busy, idle), None)]
+        cells = min(BAR_CELLS, width - 2 - sum(len(text) + 2 for text, _ in facts))
+        if cells < 5:   # a narrow terminal: the figures, cut to fit, no bar
+            return "  ".join(text for text, _ in facts)[:width]
+        good = cells * self.succeeded // total
+        bad = cells * done // total - good
+        pieces = [("[", None), ("#" * good, GREEN), ("#" * bad, RED),
+                  ("." * (cells - good - bad) + "]", None)]
+        for fact in facts:
+            pieces += [("  ", None), fact]
+        return "".join(code + text + PLAIN if colour and code and text else text
+                       for text, code in pieces)
 
     def overview(self):
         """The first lines of `show`."""
@@ -3437,7 +3642,8 @@ class _Signals:
         self._fds = None
         self._previous = {}
 
-    def install(self, selector):
+    def install(self, selector, extra=()):
+        """Handle HANDLED and the ``extra`` signals (those the bar needs)."""
         if threading.current_thread() is not threading.main_thread():
             return   # only the main thread may: a library caller's thread runs without
         read_fd, write_fd = os.pipe()
@@ -3445,9 +3651,11 @@ class _Signals:
         os.set_blocking(write_fd, False)
         self._fds = (read_fd, write_fd)
         self._previous["wakeup"] = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        for sig in self.HANDLED:
-            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
-                continue   # `nohup threadward run`: the user asked to ride out a hang-up
+        for sig in self.HANDLED + tuple(extra):
+            if sig in (signal.SIGHUP, signal.SIGTSTP) and signal.getsignal(sig) == signal.SIG_IGN:
+                # `nohup threadward run`: the user asked to ride out a hang-up;
+                # SIGTSTP ignored: a shell without job control started us.
+                continue
             self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
         selector.register(read_fd, selectors.EVENT_READ, self._on_readable)
 
@@ -3486,6 +3694,131 @@ class _Signals:
         for signum in data:
             if signum != signal.SIGCHLD:
                 self.on_signal(signum)
+
+
+class _StatusBar:
+    """The progress bar: the bottom row of a terminal, redrawn in place.
+
+    The rows above it are made the terminal's scrolling region (DECSTBM), so
+    whatever is written there -- our messages, `show`'s table, and what
+    workers write to the terminal themselves in the CONSOLE_ONLY and
+    LOG_FILE_AND_CONSOLE modes, which we never see -- scrolls without
+    touching the bar, and nothing has to be cleared and redrawn around it.
+    Lines scrolled off the top still go to the scrollback (xterm, VTE, tmux
+    keep those of a region that starts at the top row).
+
+    A redraw saves the cursor, writes the bottom row and restores the cursor
+    (DECSC/DECRC), in one write(2), which a tty never interleaves with the
+    writes of other processes or with its echo.  So what the user is typing,
+    echoed by the terminal at the cursor in cooked mode, is neither moved
+    nor overwritten; the console reads it as always, a line at a time.
+
+    The region outlives us only if we are killed (SIGKILL); `reset` or
+    `tput reset` gives the shell its whole screen back.  Ctrl-Z and resizes
+    are handled (``close``/``open``, ``resized``); after a resize an old copy
+    of the bar may be left among the lines above."""
+
+    # SIGWINCH: the terminal was resized; SIGTSTP (Ctrl-Z): give the terminal
+    # back before stopping; SIGCONT: draw again.
+    SIGNALS = (signal.SIGWINCH, signal.SIGTSTP, signal.SIGCONT)
+    MIN_ROWS, MIN_COLUMNS = 4, 30
+    SAVE, RESTORE = "\x1b7", "\x1b8"
+
+    def __init__(self, out, size, colour, on_gone):
+        self._out = out
+        self.rows, self.columns = size.lines, size.columns
+        self.colour = colour
+        self._on_gone = on_gone       # called if the terminal can no longer be written
+        self.active = False           # between start and finish
+        self.is_open = False          # holding the bottom row now
+        self._shown = None            # the text on the bottom row now
+        self._drawn_at = None
+
+    @classmethod
+    def for_terminal(cls, out, on_gone, environ=None):
+        """A bar on ``out``, or None where plain lines are right: not a
+        terminal (nohup, sbatch, a pipe, a file), TERM unset or "dumb" (an
+        editor's shell buffer), or a terminal too small to give up a row."""
+        environ = os.environ if environ is None else environ
+        try:
+            if not out.isatty():
+                return None
+            size = os.get_terminal_size(out.fileno())
+        except (AttributeError, OSError, ValueError):
+            return None
+        if environ.get("TERM", "dumb") == "dumb" or not cls._fits(size.lines, size.columns):
+            return None
+        return cls(out, size, not environ.get("NO_COLOR"), on_gone)
+
+    @classmethod
+    def _fits(cls, rows, columns):
+        return rows >= cls.MIN_ROWS and columns >= cls.MIN_COLUMNS
+
+    @property
+    def width(self):
+        return self.columns - 1   # the last column left empty: no line wrap, ever
+
+    def start(self):
+        self.active = True
+        self.open()
+
+    def finish(self):
+        self.active = False
+        self.close()
+
+    def resume(self):
+        """After Ctrl-Z and `fg`, or a resize: take the bottom row again."""
+        if self.active and not self.is_open and self._fits(self.rows, self.columns):
+            self.open()
+
+    def open(self):
+        """Take the bottom row; the rows above become the scrolling region."""
+        # Setting the region moves the cursor to the top left; the saved
+        # position is restored, then moved up one row, which the newline made
+        # free: the cursor is usually on the bottom row, which the bar takes.
+        self._write("\n%s\x1b[1;%dr%s\x1b[A" % (self.SAVE, self.rows - 1, self.RESTORE))
+        self.is_open = True
+        self._shown = None
+
+    def due(self, now):
+        """Whether a redraw may come now (one every BAR_INTERVAL s at most)."""
+        return self.is_open and (self._drawn_at is None or now - self._drawn_at >= BAR_INTERVAL)
+
+    def draw(self, text, now):
+        if text != self._shown:
+            self._write("%s\x1b[%d;1H\x1b[2K%s%s" % (self.SAVE, self.rows, text, self.RESTORE))
+            self._shown = text
+            self._drawn_at = now
+
+    def close(self, erase=True):
+        """Give the whole screen back to scrolling; the bar's row is erased
+        (not after a resize: that row may now hold other lines)."""
+        if not self.is_open:
+            return
+        self.is_open = False
+        erase_row = "\x1b[%d;1H\x1b[2K" % self.rows if erase else ""
+        self._write("%s\x1b[r%s%s" % (self.SAVE, erase_row, self.RESTORE))
+
+    def resized(self):
+        """SIGWINCH: the region and the bar move to the new bottom row (a
+        terminal too small for one gets the plain progress lines)."""
+        try:
+            size = os.get_terminal_size(self._out.fileno())
+        except (OSError, ValueError):
+            return
+        if (size.lines, size.columns) == (self.rows, self.columns):
+            return
+        self.close(erase=False)
+        self.rows, self.columns = size.lines, size.columns
+        self.resume()
+
+    def _write(self, text):
+        try:
+            self._out.write(text)
+            self._out.flush()
+        except (OSError, ValueError):
+            self.is_open = False
+            self._on_gone()
 
 
 class _Console:
@@ -3583,10 +3916,13 @@ class Threadward:
     terminal: a notebook has none); messages go to ``out`` (sys.stdout).
 
     The verbs of a running sweep (the console calls them): ``quit``,
-    ``show``, ``add_worker``, ``remove_worker``."""
+    ``show``, ``add_worker``, ``remove_worker``.
+
+    ``only`` and ``limit`` select what runs, as `run --only` and `--limit`
+    do: ``only=["model=gpt2,bert", "seed=0"]``, ``limit=1``."""
 
     def __init__(self, directory=".", fresh=False, dry_run=False, stdin_fd=None, out=None,
-                 task=None, variables=None, **keywords):
+                 only=(), limit=None, task=None, variables=None, **keywords):
         sweep = None
         if task is not None or variables is not None or keywords:
             sweep = _Sweep(task, variables, keywords)
@@ -3597,6 +3933,10 @@ class Threadward:
             stdin_fd = 0 if sweep is None or _is_terminal(0) else None
         self.fresh = fresh
         self.dry_run = dry_run
+        self.only = list(only or ())
+        self.limit = limit
+        self._selection = None        # _Selection, when only or limit is given
+        self._bar = None              # _StatusBar, when the output is a terminal
         self._stdin_fd = stdin_fd     # None: no console
         self._out = out or sys.stdout
         self.scheduler = None
@@ -3640,6 +3980,8 @@ class Threadward:
     def _run(self):
         project = self.project
         project.load()
+        if self.only or self.limit is not None:   # a mistake here: nothing runs
+            self._selection = _Selection(project.variable_set, self.only, self.limit)
         self._plan_workers()
         if self.dry_run:
             return self._print_dry_run()
@@ -3664,17 +4006,19 @@ class Threadward:
         self._cap_workers()
         self._note_ignored_files()
         project.write_worker_spec()
-        ledger.open(self.fresh)
+        ledger.open(self.fresh and not (self._selection and self._selection.only))
+        covered = self._selection.matched if self._selection else ledger.skipped + ledger.total
         self.say("%s%s on %s%s; task output in %s" % (
             "%d of %d tasks already succeeded; running " % (
-                ledger.skipped, ledger.skipped + ledger.total) if ledger.skipped else "running ",
+                ledger.skipped, covered) if ledger.skipped else "running ",
             _plural(ledger.total, "task"), _plural(self._places.starting, "worker"),
             self._places.summary(self.project, self._launcher), _display_path(project.output_dir)))
         self._selector = _Selector()
         self._monitor = _Monitor(self._selector, self._gpu_uuids)
         self._next_sample = ledger.started + STATUS_INTERVAL
+        self._bar = _StatusBar.for_terminal(self._out, self._terminal_gone)
         try:
-            self._signals.install(self._selector)
+            self._signals.install(self._selector, _StatusBar.SIGNALS if self._bar else ())
             if self._stdin_fd is not None:
                 _Console(self, self._stdin_fd).register(self._selector)
             _become_subreaper()
@@ -3683,11 +4027,15 @@ class Threadward:
                 return self._print_summary()
             self._own_children = _child_pids()
             try:
+                if self._bar:
+                    self._bar.start()
                 self._start_workers()
                 self._loop()
                 if len(self.scheduler):
                     self._stop("no worker left to run the remaining tasks")
             finally:
+                if self._bar:
+                    self._bar.finish()   # before teardown: after_all_tasks may hang
                 self._stop_all_workers()
                 self._write_results()
                 if not self._call_main_hook("after_all_tasks"):
@@ -3730,13 +4078,27 @@ class Threadward:
         project = self.project
         if _case_insensitive(project.queue_dir):
             _check_case_collisions(project.variable_set, project.variables_where())
+        selection = self._selection
+        if self.fresh and selection is not None and selection.only:
+            # --fresh --only: the other tasks' results are kept.
+            selection.previous = self._ledger.read_succeeded()
         succeeded = set() if self.fresh else self._ledger.read_succeeded()
         self.scheduler = _Scheduler(len(project.variable_set.variables))
-        self._ledger.skipped = _write_task_list(project, succeeded, self.scheduler)
+        self._ledger.skipped = _write_task_list(project, succeeded, self.scheduler, selection)
         self._ledger.total = len(self.scheduler)
+        if selection is not None:
+            for line in selection.lines():
+                self.say(line)
+            if selection.previous is not None:
+                self._ledger.forget(selection.forgotten)
 
     def _print_dry_run(self):
-        for line in _dry_run_lines(self.project, self._places, self._launcher):
+        # --limit counts the tasks still to run: a dry run reads (only
+        # reads) which have succeeded, as the run will.
+        succeeded = set() if self.fresh or self._selection is None else \
+            _Ledger(self.project.queue_dir).read_succeeded()
+        for line in _dry_run_lines(self.project, self._places, self._launcher,
+                                   self._selection, succeeded):
             self.say(line)
         return EXIT_OK
 
@@ -3759,10 +4121,24 @@ class Threadward:
             self._expire_deadlines()
         self._reap_workers()
         self._assign_tasks()
+        self._report_progress()
+        self._write_results()
+
+    def _report_progress(self):
+        """The bar on a terminal; elsewhere a progress line now and then."""
+        bar = self._bar
+        if bar is not None and bar.is_open:
+            now = time.monotonic()
+            if bar.due(now):
+                busy = idle = 0
+                for worker in self._workers.values():
+                    busy += worker.state == Worker.BUSY
+                    idle += worker.state == Worker.IDLE
+                bar.draw(self._ledger.bar(bar.width, busy, idle, bar.colour), now)
+            return
         line = self._ledger.progress()
         if line:
             self.say(line)
-        self._write_results()
 
     def _wait_for_events(self):
         for key, _ in self._selector.select(self._next_timeout()):
@@ -4103,7 +4479,9 @@ class Threadward:
                 worker.end(Worker.INTERRUPTED)
 
     def _on_signal(self, signum):
-        if signum == signal.SIGINT and self._stopping and not self._interrupting:
+        if signum in _StatusBar.SIGNALS:
+            self._on_terminal_signal(signum)
+        elif signum == signal.SIGINT and self._stopping and not self._interrupting:
             self.say("second Ctrl-C: ending running tasks (recorded as interrupted)")
             self._interrupt_running()
         elif signum == signal.SIGUSR1:   # `kill -USR1 PID`: show, where no console is
@@ -4123,6 +4501,22 @@ class Threadward:
             self._stop("stopped by SIGINT")
             self.say("stopping: no new tasks; running tasks finish "
                      "(press Ctrl-C again to stop running tasks)")
+
+    def _on_terminal_signal(self, signum):
+        """The bar's signals: a resize, Ctrl-Z, and `fg` (or any SIGCONT)."""
+        bar = self._bar
+        if signum == signal.SIGTSTP:
+            # The shell gets its whole screen back while we are stopped.
+            # Workers run on: they are in process groups of their own.
+            if bar is not None:
+                bar.close()
+            os.kill(os.getpid(), signal.SIGSTOP)   # returns after `fg` (SIGCONT)
+        if bar is None or self._bar is not bar:
+            return
+        if signum == signal.SIGWINCH:
+            bar.resized()
+        else:
+            bar.resume()   # after Ctrl-Z, `fg`: the bar comes back below what the shell wrote
 
     # -- the verbs of a running sweep ---------------------------------------
 
@@ -4177,6 +4571,7 @@ class Threadward:
     def _terminal_gone(self):
         """Our output can no longer be written (the terminal closed, the pipe's
         reader left): the run goes on silently; what it records is on disk."""
+        self._bar = None
         null = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
             os.dup2(null, fd)   # Python's flush at exit must not fail either
@@ -5017,12 +5412,29 @@ def _build_parser():
                      help="the project directory, holding threadward/ (default: the current "
                           "directory)")
     run.add_argument("--fresh", action="store_true",
-                     help="forget earlier results and run every task again")
+                     help="forget earlier results and run every task again (with --only: "
+                          "those tasks' results only)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the tasks, workers and GPUs, and run nothing")
+    run.add_argument("--only", action="append", default=[], metavar="NAME=VALUE[,VALUE...]",
+                     help="run only the tasks whose variable NAME has one of these values "
+                          "(or nicknames); repeat it for several variables (all must hold)")
+    run.add_argument("--limit", type=_positive_int, metavar="N",
+                     help="run at most N tasks: the first N still to run, in task-list order")
     status = commands.add_parser("status", help="show a running sweep (from another terminal)")
     status.add_argument("directory", nargs="?", default=".", metavar="DIR")
     return parser
+
+
+def _positive_int(text):
+    import argparse
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError("%r is not a whole number of tasks, 1 or more" % text)
+    return number
 
 
 def _cmd_init(args):
@@ -5030,7 +5442,8 @@ def _cmd_init(args):
 
 
 def _cmd_run(args):
-    return Threadward(args.directory, fresh=args.fresh, dry_run=args.dry_run).run()
+    return Threadward(args.directory, fresh=args.fresh, dry_run=args.dry_run,
+                      only=args.only, limit=args.limit).run()
 
 
 def _cmd_status(args):
