@@ -1974,13 +1974,17 @@ class _Project:
             self._read_settings(constraints)
             self.variable_set = self.sweep.variables
             return
+        # Each file's values are checked as it is loaded: of two mistakes,
+        # the one in the earlier file is reported.
         self.load_task_module()
+        self._read_task_settings()
         self.load_variable_module()
+        self._read_variable_settings()
         constraints = _load_user_module(self.path("resource_constraints.py"),
                                         "resource_constraints")
         for filename in CONFIG_FILES:
             _check_setting_names(self.path(filename))
-        self._read_settings(constraints)
+        self._read_resource_settings(constraints)
         self.variable_set = self._build_variable_set()
 
     def load_for_worker(self, read_spec=False):
@@ -2019,6 +2023,11 @@ class _Project:
 
     def _read_settings(self, constraints):
         """Every setting, checked (ConfigError with file:line for a bad value)."""
+        self._read_task_settings()
+        self._read_variable_settings()
+        self._read_resource_settings(constraints)
+
+    def _read_task_settings(self):
         module, path = self.task_module, self._source("task_specification.py")
         self.success_condition = _choice_setting(module, path, "SUCCESS_CONDITION",
                                                  SUCCESS_CONDITIONS)
@@ -2026,11 +2035,15 @@ class _Project:
         self.sigterm_grace = _number_setting(module, path, "SIGTERM_GRACE", SIGTERM_GRACE, 0)
         self.task_timeout = _number_setting(module, path, "TASK_TIMEOUT", None, 0.001,
                                             allow_none=True)
+
+    def _read_variable_settings(self):
         module, path = self.variable_module, self._source("variable_iteration.py")
         self.failure_handling = _choice_setting(module, path, "FAILURE_HANDLING",
                                                 FAILURE_HANDLINGS)
         self.folder_location = _choice_setting(module, path, "TASK_FOLDER_LOCATION",
                                                FOLDER_LOCATIONS)
+
+    def _read_resource_settings(self, constraints):
         path = self._source("resource_constraints.py")
         self.num_workers = _number_setting(constraints, path, "NUM_WORKERS", 1, 1, integer=True)
         self.gpus_per_worker, self.workers_per_gpu = _gpus_per_worker(constraints, path)
@@ -3192,12 +3205,13 @@ class _Ledger:
     def write(self):
         """Append the lines recorded since the last write; the error, or None."""
         unwritten, self._unwritten = self._unwritten, {}
-        for name, lines in unwritten.items():
+        errors = []
+        for name, lines in unwritten.items():   # each file, whatever the other's fate
             try:
                 _write_all(self._fds[name], ("\n".join(lines) + "\n").encode("utf-8"))
             except OSError as exc:
-                return "cannot record %s in %s (%s)" % (", ".join(lines), name, exc)
-        return None
+                errors.append("cannot record %s in %s (%s)" % (", ".join(lines), name, exc))
+        return "; ".join(errors) or None
 
     # -- progress -----------------------------------------------------------
 
@@ -4605,6 +4619,13 @@ class Threadward:
         try:
             if function is not None:
                 function(*arguments)
+            return True
+        except KeyboardInterrupt:
+            # Python's own SIGINT handler is back (the hook, or a library it
+            # called, set it): a Ctrl-C, dealt with here, so that it does not
+            # unwind through the handling of the worker lines read with it.
+            if not self._signals.take_back_sigint():
+                self._on_signal(signal.SIGINT)
             return True
         except Exception:
             self.say("%s raised%s:\n%s" % (name, " (the run goes on)" if arguments else "",

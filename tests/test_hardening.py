@@ -13,6 +13,8 @@ import pytest
 
 from conftest import TASK_IMPORTS_WAIT_FOR, read_until, relayed, wait_for
 
+import threadward
+
 RANGE = """
 def setup_variable_set(variable_set):
     variable_set.add_variable(name="x", values=list(range(1, %d)))
@@ -489,3 +491,47 @@ def on_task_success(variables, task_folder, log_file):
         assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+def test_a_ctrl_c_inside_a_result_hook_is_the_first_ctrl_c(project):
+    """A hook (or a library it calls) put Python's default SIGINT handler
+    back: the Ctrl-C is a KeyboardInterrupt inside the hook.  It is the first
+    Ctrl-C, not an exception that unwinds through the results read with it
+    (the run used to hang with a task that had finished counted running)."""
+    project.write(resources="NUM_WORKERS = 2\n", variables=RANGE % 40 + """
+import os, signal, time
+
+calls = []
+
+def on_task_success(variables, task_folder, log_file):
+    calls.append(variables["x"])
+    if len(calls) == 6:
+        time.sleep(1.5)   # results pile up: the next ones come several in one read
+    elif len(calls) == 7:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.kill(os.getpid(), signal.SIGINT)
+""")
+    result = project.run(timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "stopping: no new tasks" in result.stdout
+    assert "stopped (stopped by SIGINT)" in result.stdout
+    started = len(os.listdir(project.outputs))
+    assert len(project.successful()) + len(project.failed()) == started < 40
+    assert project.failed() == {}
+
+
+def test_a_result_file_that_cannot_be_written_does_not_take_the_others_lines(tmp_path):
+    ledger = threadward._Ledger(str(tmp_path))
+    ledger.total = 2
+    ledger.open(fresh=True)
+    ledger.record("bad", False, "boom", 1.0)
+    ledger.record("good", True, "", 1.0)
+    os.close(ledger._fds["failed_tasks.txt"])   # its writes fail from now on
+    try:
+        error = ledger.write()
+        assert "cannot record bad\tboom in failed_tasks.txt" in error
+        with open(tmp_path / "successful_tasks.txt") as stream:
+            assert stream.read() == "good\n"
+    finally:
+        del ledger._fds["failed_tasks.txt"]
+        ledger.close()
