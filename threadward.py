@@ -25,7 +25,7 @@ Data flow (one thread in the main process; nothing blocks but the select)::
     worker stdouts --+     +----------------+   result line   +-----------+
                                    |                            ...  N
                                    v
-                successful_tasks.txt / failed_tasks.txt (whole lines only)
+                successful_tasks.txt / failed_tasks.txt / events.jsonl (whole lines only)
 
 * The main process loads the three project files, expands the variables,
   writes ``task_queue/all_tasks.json``, runs ``before_all_tasks`` and
@@ -224,11 +224,14 @@ PROJECT_SUBDIR = "threadward"
 
 CONFIG_FILES = ("task_specification.py", "resource_constraints.py", "variable_iteration.py")
 RESULT_FILES = ("successful_tasks.txt", "failed_tasks.txt")
+# The event record of the runs (task_queue/, beside the result files): one
+# JSON object per line, appended, kept across runs; see _Ledger.
+EVENTS_FILE = "events.jsonl"
 # The settings of each project file: one in the wrong file, or a name a
 # letter or two off one of them, is a configuration error.
 SETTINGS = {
     "task_specification.py": ("SUCCESS_CONDITION", "OUTPUT_MODE", "SIGTERM_GRACE",
-                              "TASK_TIMEOUT"),
+                              "TASK_TIMEOUT", "RETRIES"),
     "resource_constraints.py": ("NUM_WORKERS", "NUM_GPUS_PER_WORKER", "AVOID_GPUS",
                                 "INCLUDE_GPUS", "LAUNCHER", "SLURM_OPTIONS", "HOSTS",
                                 "SSH_OPTIONS", "REMOTE_PYTHON", "CPUS_PER_WORKER", "PIN_CPUS"),
@@ -1793,6 +1796,7 @@ class _Project:
         self.sigterm_grace = _number_setting(module, path, "SIGTERM_GRACE", SIGTERM_GRACE, 0)
         self.task_timeout = _number_setting(module, path, "TASK_TIMEOUT", None, 0.001,
                                             allow_none=True)
+        self.retries = _number_setting(module, path, "RETRIES", 0, 0, integer=True)
         module, path = self.variable_module, self.path("variable_iteration.py")
         self.failure_handling = _choice_setting(module, path, "FAILURE_HANDLING",
                                                 FAILURE_HANDLINGS)
@@ -2474,20 +2478,41 @@ class _RunLock:
             self._fd = None
 
 
+# One line of events.jsonl per attempt that ended, made without the JSON
+# encoder's set-up (a line per task of a million-task sweep; see B5).
+_TASK_EVENT = ('{"event": "task", "run": %s, "id": %s, "status": "%s", "reason": %s, '
+               '"seconds": %s, "load": %s, "attempt": %d, "worker": %s, "time": %.3f}')
+
+
 class _Ledger:
-    """successful_tasks.txt and failed_tasks.txt, and the counts, progress,
-    ETA and summary that follow from them.
+    """successful_tasks.txt and failed_tasks.txt, the event record
+    events.jsonl, and the counts, progress, ETA and summary that follow.
+
+    The result files hold each task's final outcome, as reruns read it.
+    events.jsonl, kept across runs, holds the history: a ``{"event": "run",
+    ...}`` line where each run starts, then one ``{"event": "task", ...}``
+    line per attempt that ended (status "succeeded", "failed",
+    "interrupted", or "retrying" for a failed attempt that runs again),
+    with its seconds, load seconds, attempt number and worker; `results`
+    reads seconds and attempts from it.
 
     Lines recorded during a pass of the main loop are appended at its end
     (``write``): whole lines, one write per file (O_APPEND), so a crash
     leaves no half line, and a task whose line is lost is only run again.
-    A torn last line left by a crash is dropped when the files are opened."""
+    The events go first: a crash between the writes leaves an outcome in
+    the record that the result files lack, and the next run, which runs the
+    task again, records it anew; never the other way round, which no run
+    would correct.  A torn last line left by a crash is dropped when the
+    files are opened (and ignored where events.jsonl is read)."""
 
     def __init__(self, queue_dir):
         self.queue_dir = queue_dir
         self._fds = {}
         self._unwritten = {}          # result file name -> lines not yet written
+        self._events = []             # events.jsonl lines not yet written
+        self._run = None              # this run's ID as JSON text
         self.succeeded = self.failed = self.skipped = 0
+        self.retried = 0              # failed attempts that ran again
         self.total = 0                # tasks to run in this run
         self.started = None           # monotonic time the run started
         self._finish_at = None        # the estimated end of the sweep (monotonic)
@@ -2509,15 +2534,26 @@ class _Ledger:
         return {line.decode("utf-8", "replace") for line in lines if line}
 
     def open(self, fresh):
-        """Open both files for appending: failed_tasks.txt starts empty each
-        run (its tasks run again), successful_tasks.txt only when ``fresh``."""
+        """Open the files for appending: failed_tasks.txt starts empty each
+        run (its tasks run again), successful_tasks.txt only when ``fresh``,
+        events.jsonl never; it gets this run's "run" line now."""
         self.started = time.monotonic()
-        for name in RESULT_FILES:
-            truncate = fresh or name == "failed_tasks.txt"
+        for name in RESULT_FILES + (EVENTS_FILE,):
+            truncate = name != EVENTS_FILE and (fresh or name == "failed_tasks.txt")
             fd = os.open(self.path(name), os.O_RDWR | os.O_CREAT | os.O_APPEND |
                          (os.O_TRUNC if truncate else 0), 0o666)
             self._fds[name] = fd
             self._drop_torn_line(fd)
+        # Unique without reading the record (it grows by a line per task):
+        # one run at a time holds the project, and it lasts over a second.
+        run = "%s-%d" % (time.strftime("%Y%m%d-%H%M%S"), os.getpid())
+        self._run = _json_text(run)
+        # "fresh": the result files started empty, so earlier outcomes no
+        # longer count (results() reads from the last such line on).
+        _write_all(self._fds[EVENTS_FILE], (_json_text({
+            "event": "run", "run": run, "time": round(time.time(), 3), "fresh": fresh,
+            "tasks": self.total, "skipped": self.skipped, "pid": os.getpid(),
+            "host": os.uname().nodename, "version": __version__}) + "\n").encode())
 
     @staticmethod
     def _drop_torn_line(fd):
@@ -2538,25 +2574,52 @@ class _Ledger:
             os.close(fd)
         self._fds.clear()
 
-    def record(self, task_id, success, reason, seconds):
-        """Count a task's end; its line is written at the next ``write``.
+    def record(self, task_id, success, reason, seconds, load=0.0, attempt=1, worker=None):
+        """Count a task's final outcome (after ``attempt`` attempts, the last
+        on worker ``worker``); its lines are written at the next ``write``.
         Returns the one-line reason recorded for a failure."""
         if seconds is not None:
             self._durations.add(seconds)
         if success:
             self.succeeded += 1
             self._unwritten.setdefault("successful_tasks.txt", []).append(task_id)
+            status = "succeeded"
         else:
             self.failed += 1
             reason = _one_line(reason) or "failed"
             self._unwritten.setdefault("failed_tasks.txt", []).append(
                 "%s\t%s" % (task_id, reason))
+            status = "interrupted" if reason == Worker.INTERRUPTED else "failed"
+        self._event(task_id, status, reason, seconds, load, attempt, worker)
         self._estimate_finish()
         return reason
 
+    def retry(self, task_id, reason, seconds, load, attempt, worker):
+        """A failed attempt whose task runs again: an event only (the result
+        files get the final outcome).  Returns the one-line reason."""
+        self.retried += 1
+        reason = _one_line(reason) or "failed"
+        self._event(task_id, "retrying", reason, seconds, load, attempt, worker)
+        return reason
+
+    def _event(self, task_id, status, reason, seconds, load, attempt, worker):
+        self._events.append(_TASK_EVENT % (
+            self._run, _json_text(task_id), status, _json_text(reason),
+            "null" if seconds is None else "%.6f" % seconds, "%.6f" % load if load else "0",
+            attempt, "null" if worker is None else worker, time.time()))
+
     def write(self):
-        """Append the lines recorded since the last write; the error, or None."""
+        """Append the lines recorded since the last write, the events first;
+        the error, or None."""
+        events, self._events = self._events, []
         unwritten, self._unwritten = self._unwritten, {}
+        if events:
+            try:
+                _write_all(self._fds[EVENTS_FILE], ("\n".join(events) + "\n").encode())
+            except OSError as exc:
+                # The result lines are not written either: their tasks run again.
+                return "cannot record %s in %s (%s)" % (
+                    _plural(len(events), "task end"), EVENTS_FILE, exc)
         for name, lines in unwritten.items():
             try:
                 _write_all(self._fds[name], ("\n".join(lines) + "\n").encode("utf-8"))
@@ -2606,17 +2669,24 @@ class _Ledger:
                 _format_duration(self.elapsed()), _format_duration(self.eta()),
                 "%.2fs" % durations.mean() if durations.count else "?",
                 "%.2fs" % durations.largest if durations.count else "?"),
-            "tasks: %d succeeded, %d failed, %d skipped (done before), %d remaining of %d" % (
+            "tasks: %d succeeded, %d failed, %d skipped (done before), %d remaining of %d%s" % (
                 self.succeeded, self.failed, self.skipped, self.total - done,
-                self.total + self.skipped)]
+                self.total + self.skipped, self._retries_text("; "))]
+
+    def _retries_text(self, separator):
+        """'; 3 retries' (failed attempts that ran again), or "" if none."""
+        if not self.retried:
+            return ""
+        return "%s%d %s" % (separator, self.retried, "retry" if self.retried == 1 else "retries")
 
     def summary(self, stopped, not_run):
         """The last lines of a run; ``stopped``: why it stopped early, if it did."""
-        lines = ["%s in %s: %d succeeded, %d failed%s%s" % (
+        lines = ["%s in %s: %d succeeded, %d failed%s%s%s" % (
             "stopped (%s)" % stopped if stopped else "done",
             _format_duration(self.elapsed()), self.succeeded, self.failed,
             ", %d not run" % not_run if not_run else "",
-            ", %d skipped (already succeeded)" % self.skipped if self.skipped else "")]
+            ", %d skipped (already succeeded)" % self.skipped if self.skipped else "",
+            self._retries_text(", "))]
         if self.failed:
             lines.append("failed tasks are listed in %s; `threadward run` again retries them"
                          % _display_path(self.path("failed_tasks.txt")))
@@ -3083,6 +3153,7 @@ class Threadward:
         self._hook_failed = False
         self._own_children = set()    # processes of before_all_tasks: not orphans
         self._orphans = _Orphans()    # what workers that died left running
+        self._attempts = {}           # task indices -> its failed attempts, while retried
 
     # -- public entry -------------------------------------------------------
 
@@ -3361,7 +3432,7 @@ class Threadward:
         reason = result.reason
         if not result.succeeded and (ours or result.terminated):
             reason = worker.end_cause if ours else Worker.INTERRUPTED
-        self._record(task, result.succeeded, reason, result.seconds)
+        self._record(task, result.succeeded, reason, result.seconds, result.load, worker)
 
     def _on_cancelled(self, worker, message):
         task = worker.cancelled(message.get("id"))
@@ -3402,7 +3473,7 @@ class Threadward:
         reason = worker.exit_reason()
         if worker.queue:
             task = worker.queue.popleft()
-            self._record(task, False, worker.lost_task_reason())
+            self._record(task, False, worker.lost_task_reason(), worker=worker)
             self._show_log_tail(task)
         if previous == Worker.STARTING:
             self._on_start_failure(worker, reason)
@@ -3512,15 +3583,23 @@ class Threadward:
             worker.kill_now()
             self._put_back(worker, worker.take_back())
             if worker.queue:
-                self._record(worker.queue.popleft(), False, Worker.INTERRUPTED)
+                self._record(worker.queue.popleft(), False, Worker.INTERRUPTED, worker=worker)
         self._workers.clear()
 
     # -- results ------------------------------------------------------------
 
-    def _record(self, task, success, reason, seconds=None):
+    def _record(self, task, success, reason, seconds=None, load=0.0, worker=None):
+        """The end of an attempt of ``task`` (on ``worker``): a failure with
+        RETRIES left runs again, anything else is its outcome."""
         if seconds is None and task.started is not None:
             seconds = time.monotonic() - task.started
-        reason = self._ledger.record(task.task_id, success, reason, seconds)
+        worker_id = None if worker is None else worker.worker_id
+        attempt = self._attempts.pop(task.indices, 0) + 1
+        if not success and self._retries_it(reason, attempt):
+            self._retry(task, reason, seconds, load, attempt, worker_id)
+            return
+        reason = self._ledger.record(task.task_id, success, reason, seconds, load, attempt,
+                                     worker_id)
         if not success:
             handling = self.project.failure_handling
             if handling != "SILENT_CONTINUE":
@@ -3538,6 +3617,25 @@ class Threadward:
                 function(*arguments)
             except Exception:
                 self.say("%s raised (the run goes on):\n%s" % (hook, traceback.format_exc()))
+
+    def _retries_it(self, reason, attempt):
+        """Whether a failed attempt runs again: RETRIES allows one more, and
+        it was not stopped on purpose (interrupted), nor is the run stopping
+        (a task handed back now would never be handed out)."""
+        return (attempt <= self.project.retries and reason != Worker.INTERRUPTED
+                and not self._stopping)
+
+    def _retry(self, task, reason, seconds, load, attempt, worker_id):
+        self._attempts[task.indices] = attempt
+        reason = self._ledger.retry(task.task_id, reason, seconds, load, attempt, worker_id)
+        if self.project.failure_handling != "SILENT_CONTINUE":
+            self.say("retrying %s (attempt %d of %d): %s" % (
+                task.task_id, attempt + 1, self.project.retries + 1, reason))
+        # The scheduler has released the attempt already (it ended, or its
+        # worker is gone), so the task only goes back among the remaining
+        # ones, under its prefix: a worker that holds it loads nothing to
+        # run it again.  (put_back would release the task queued behind it.)
+        self.scheduler.add(task.indices)
 
     def _write_results(self):
         error = self._ledger.write()
@@ -4368,6 +4466,7 @@ import json
 import os
 
 SUCCESS_CONDITION = "NO_ERROR_ONLY"
+RETRIES = 0
 
 
 def task_method(variables, task_folder, log_file):

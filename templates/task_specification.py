@@ -30,6 +30,11 @@ TASK_TIMEOUT = None
 # "interrupted", so the next `threadward run` retries them.
 SIGTERM_GRACE = 20
 
+# How many more times a failed task runs (an error, verify_task_success
+# false, a timeout, a worker that died; never an interrupted one) before it
+# is recorded as failed.  The console says "retrying ID (attempt 2 of 3)".
+RETRIES = 0
+
 
 def task_method(variables, task_folder, log_file):
     """Run one task.
