@@ -7,6 +7,7 @@ Usage::
     threadward init [DIR]      # write DIR/threadward/ from templates/ (or short ones)
     threadward run [DIR]       # expand the variables, start workers, run
     threadward status [DIR]    # what a running sweep is doing (from its status file)
+    threadward results [DIR]   # one row per task: status, seconds, variables, result.json
 
 (`python -m threadward ...` and `python threadward.py ...` work the same.)
 
@@ -71,7 +72,7 @@ in); it needs only ``psutil`` and, for GPUs, ``GPUtil``.
 __version__ = "0.1.0"
 __license__ = "MIT"
 __all__ = ["VariableSet", "Task", "Worker", "Threadward", "ThreadwardError",
-           "ConfigError", "main"]
+           "ConfigError", "results", "main"]
 
 
 ###############################################################################
@@ -2694,6 +2695,242 @@ class _Ledger:
 
 
 ###############################################################################
+# Results table ###############################################################
+###############################################################################
+#
+# threadward.results(DIR) and `threadward results`: one row per task of
+# all_tasks.json, in generation order, read from the files alone.  The
+# project's own files are not imported: a table can be read while they are
+# being edited, or where the task's dependencies are not installed.
+
+RESULT_FORMATS = ("csv", "jsonl", "markdown")
+# A result key equal to an earlier column (a variable, task_id, status, ...)
+# is given this prefix.
+RESULT_PREFIX = "result."
+# What the last event of a task says of it, as results() reports it: an
+# interrupted task, and one whose retry never ended, failed.
+_EVENT_STATUS = {"succeeded": "succeeded", "failed": "failed", "interrupted": "failed",
+                 "retrying": "failed"}
+
+
+def results(directory="."):
+    """One dict per task of the project in ``directory``, in generation
+    order (that of all_tasks.json, as the last run wrote it)::
+
+        {"task_id": ..., "status": "succeeded" | "failed" | "not run",
+         "reason": ..., "seconds": ..., "attempts": ...,
+         <each variable by name>: its declared value,
+         <each key of the task's result.json>: its value}
+
+    ``seconds`` and ``attempts`` are those of the latest run that ran the
+    task (``seconds``: its last attempt); a result key equal to an earlier
+    column is prefixed ``result.``.  ``pandas.DataFrame(results(d))`` is a
+    data frame of the sweep.  Reads only files, and works while a run goes
+    on (its running tasks show their outcome of the run before, if any)."""
+    return [row for row, _ in _result_rows(directory)]
+
+
+def _result_rows(directory):
+    """(row, {variable: nickname}) per task: the nicknames are for --where."""
+    project = _Project(directory)
+    tasks = _read_task_list(project)
+    outcome = _Outcomes(project.queue_dir)
+    for entry in tasks:
+        status, reason, seconds, attempts = outcome.of(entry["task_id"])
+        row = {"task_id": entry["task_id"], "status": status, "reason": reason,
+               "seconds": seconds, "attempts": attempts}
+        nicknames = {}
+        for name, declared in entry["variables"].items():
+            row[name] = declared.get("value")
+            nicknames[name] = declared.get("nickname")
+        columns = set(row)
+        for key, value in _read_result(os.path.join(project.directory,
+                                                    entry["task_folder"])).items():
+            row[RESULT_PREFIX + key if key in columns else key] = value
+        yield row, nicknames
+
+
+def _read_task_list(project):
+    if not os.path.isdir(project.config_dir):
+        raise ThreadwardError("%s has no threadward/ folder; give the project directory (the "
+                              "one holding threadward/)" % _display_path(project.directory))
+    path = os.path.join(project.queue_dir, "all_tasks.json")
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except FileNotFoundError:
+        data = b""
+    if not data.strip():   # `init` leaves it empty
+        raise ThreadwardError("%s has no tasks yet: the project has not been run; "
+                              "`threadward run` writes it" % _display_path(path))
+    try:
+        return _json_decode(data.decode("utf-8"))
+    except ValueError as exc:
+        raise ThreadwardError("cannot read %s (%s); `threadward run` writes it again"
+                              % (_display_path(path), exc))
+
+
+def _read_result(folder):
+    """The task's result.json as a dict ({} if there is none); one that is
+    not a JSON object is left out, with a warning naming it."""
+    path = os.path.join(folder, "result.json")
+    try:
+        with open(path, "rb") as stream:
+            result = _json_decode(stream.read().decode("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        result = exc
+    if isinstance(result, dict):
+        return result
+    import warnings
+    warnings.warn("%s is left out of the results: %s; a task's result.json must hold one "
+                  "JSON object ({\"name\": value, ...})" % (
+                      _display_path(path), result if isinstance(result, Exception)
+                      else "it holds a %s" % type(result).__name__), stacklevel=3)
+    return {}
+
+
+class _Outcomes:
+    """Each task's last outcome: from events.jsonl (the last event of the
+    task in the latest run that ran it, from the last --fresh run on), and
+    for a task it does not name (a project run before events were
+    recorded), from successful_tasks.txt and failed_tasks.txt."""
+
+    NOT_RUN = ("not run", "", None, 0)
+
+    def __init__(self, queue_dir):
+        self.queue_dir = queue_dir
+        self.events = self._read_events(os.path.join(queue_dir, EVENTS_FILE))
+        self._files = None   # (succeeded IDs, {failed ID: reason}), read if needed
+
+    @staticmethod
+    def _read_events(path):
+        """{task ID: (status, reason, seconds, attempt)} of each task's last event."""
+        last = {}
+        try:
+            stream = open(path, "rb")
+        except FileNotFoundError:
+            return last
+        with stream:
+            for line in stream:
+                if not line.endswith(b"\n"):
+                    break   # torn: its writer died mid-line
+                try:
+                    event = _json_decode(line.decode("utf-8"))
+                    kind = event.get("event")
+                except (ValueError, AttributeError):
+                    continue   # not an event (glued to a torn line before a fix)
+                if kind == "task":
+                    last[event.get("id")] = (
+                        _EVENT_STATUS.get(event.get("status"), "failed"),
+                        event.get("reason") or "", event.get("seconds"), event.get("attempt"))
+                elif kind == "run" and event.get("fresh"):
+                    last.clear()   # the result files started empty there
+        return last
+
+    def of(self, task_id):
+        """(status, reason, seconds, attempts) of a task."""
+        found = self.events.get(task_id)
+        if found is not None:
+            return found
+        if self._files is None:
+            self._files = self._read_files()
+        succeeded, failed = self._files
+        if task_id in succeeded:
+            return ("succeeded", "", None, 1)
+        if task_id in failed:
+            return ("failed", failed[task_id], None, 1)
+        return self.NOT_RUN
+
+    def _read_files(self):
+        succeeded = _Ledger(self.queue_dir).read_succeeded()
+        failed = {}
+        try:
+            with open(os.path.join(self.queue_dir, "failed_tasks.txt"), "rb") as stream:
+                lines = stream.read().split(b"\n")
+        except FileNotFoundError:
+            lines = [b""]
+        lines.pop()   # empty after a final newline; a torn last line otherwise
+        for line in lines:
+            task_id, _, reason = line.decode("utf-8", "replace").partition("\t")
+            if task_id:
+                failed[task_id] = reason
+        return succeeded, failed
+
+
+def _cell(value):
+    """A value as the text of a CSV or markdown cell: None is empty, lists
+    and dicts (from result.json) are JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return _json_text(value)
+    return str(value)
+
+
+def _where_filter(conditions, rows):
+    """The rows that --where NAME=VALUE ... selects: a condition holds when
+    the column's value (as text, or as JSON: true, null) or a variable's
+    nickname is VALUE; a NAME given twice takes either value, different
+    NAMEs must all hold."""
+    wanted = collections.OrderedDict()
+    for condition in conditions:
+        name, equals, value = condition.partition("=")
+        if not equals or not name:
+            raise ThreadwardError("--where %r: write NAME=VALUE, like --where model=gpt2"
+                                  % condition)
+        wanted.setdefault(name, set()).add(value)
+    columns = set()
+    for row, _ in rows:
+        columns.update(row)
+    unknown = [name for name in wanted if name not in columns]
+    if rows and unknown:
+        raise ThreadwardError("--where %s: no such column; the columns are: %s" % (
+            unknown[0], ", ".join(_columns(row for row, _ in rows))))
+
+    def holds(row, nicknames, name, values):
+        value = row.get(name)
+        return bool(values & {_cell(value), _json_text(value), nicknames.get(name)})
+    return [(row, nicknames) for row, nicknames in rows
+            if all(holds(row, nicknames, name, values) for name, values in wanted.items())]
+
+
+def _columns(rows):
+    """Every key of the rows, in the order first seen (result keys may
+    differ from task to task)."""
+    seen = collections.OrderedDict()
+    for row in rows:
+        for key in row:
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+def _write_table(rows, columns, form, out):
+    """The rows to ``out`` as CSV (a header line of ``columns`` first), JSON
+    lines, or a markdown table."""
+    if form == "jsonl":
+        for row in rows:
+            out.write(_json_text(row) + "\n")
+        return
+    if form == "csv":
+        import csv
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row.get(column)) for column in columns])
+        return
+
+    def line(cells):
+        return "| %s |\n" % " | ".join(
+            " ".join(cell.replace("|", "\\|").split()) for cell in cells)
+    out.write(line(columns))
+    out.write("|%s\n" % ("---|" * len(columns)))
+    for row in rows:
+        out.write(line([_cell(row.get(column)) for column in columns]))
+
+
+###############################################################################
 # Worker (the parent's handle on one subprocess) ##############################
 ###############################################################################
 
@@ -4244,7 +4481,8 @@ class _WorkerProcess:
             variables = self._convert(variable_list)
             self._call_hook("before_each_task", variables, folder, log_file)
             try:
-                self.spec.task_method(variables, folder, log_file)
+                # Saved before the later hooks run: they may read or check it.
+                _save_result(self.spec.task_method(variables, folder, log_file), folder)
             finally:
                 self._call_hook("after_each_task", variables, folder, log_file)
         except (Exception, SystemExit) as exc:
@@ -4332,6 +4570,36 @@ class _Tee:
         os.close(self.write_fd)
         self._thread.join(KILL_WAIT)
         return not self._thread.is_alive()
+
+
+def _json_default(value):
+    """What json cannot write itself: numpy arrays and scalars, torch
+    tensors (whatever has .tolist()) become lists and numbers."""
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError("%s is not a JSON value" % type(value).__name__)
+
+
+def _save_result(returned, folder):
+    """A dict returned by task_method becomes result.json in the task folder
+    (written whole, then renamed: never half a file); None leaves the folder
+    as the task left it (a result.json it wrote itself is kept)."""
+    if returned is None:
+        return
+    if not isinstance(returned, dict):
+        # Into the task's log: a task returning something else worked before
+        # results existed, and must not fail now.
+        _stderr("task_method returned %s, not a dict: it is not saved; return a dict of "
+                "JSON values to have it in result.json" % type(returned).__name__)
+        return
+    try:
+        text = json.dumps(returned, indent=1, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise TypeError("task_method returned a dict that cannot be saved as result.json "
+                        "(%s); return numbers, strings, booleans, None, lists and dicts "
+                        "with string keys" % exc) from None
+    _atomic_write(os.path.join(folder, "result.json"), text + "\n")
 
 
 def _print_traceback():
@@ -4585,6 +4853,21 @@ def _build_parser():
                      help="print the tasks, workers and GPUs, and run nothing")
     status = commands.add_parser("status", help="show a running sweep (from another terminal)")
     status.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    table = commands.add_parser(
+        "results", help="print one row per task: status, seconds, attempts, the variables and "
+                        "the task's result.json",
+        description="Print one row per task, in generation order: task_id, status (succeeded, "
+                    "failed, not run), reason, seconds, attempts, each variable's value, then "
+                    "the keys of the task's result.json (one that repeats a column is "
+                    "prefixed result.).")
+    table.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    table.add_argument("--format", choices=RESULT_FORMATS, default="csv",
+                       help="csv (default, with a header line), jsonl (a JSON object per "
+                            "line) or markdown (a table)")
+    table.add_argument("--where", action="append", default=[], metavar="NAME=VALUE",
+                       help="only the rows whose column NAME is VALUE (a variable matches its "
+                            "value or nickname); repeat a NAME for either of several values; "
+                            "different NAMEs must all match")
     return parser
 
 
@@ -4616,6 +4899,16 @@ def _cmd_status(args):
     return EXIT_OK
 
 
+def _cmd_results(args):
+    rows = list(_result_rows(args.directory))
+    # The columns of the whole table: a header even when no row is selected.
+    columns = _columns(row for row, _ in rows)
+    rows = _where_filter(args.where, rows)
+    _write_table([row for row, _ in rows], columns, args.format, sys.stdout)
+    sys.stdout.flush()   # here, where a reader that left is handled (main)
+    return EXIT_OK
+
+
 def main(argv=None):
     """The `threadward` command; returns the exit code."""
     # User files that `import threadward` must get this module, not a second copy.
@@ -4626,7 +4919,8 @@ def main(argv=None):
     if argv[:1] == [WORKER_MODE]:
         return _worker_main(argv[1:])
     args = _build_parser().parse_args(argv)
-    handler = {"init": _cmd_init, "run": _cmd_run, "status": _cmd_status}[args.command]
+    handler = {"init": _cmd_init, "run": _cmd_run, "status": _cmd_status,
+               "results": _cmd_results}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:
