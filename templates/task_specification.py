@@ -4,6 +4,7 @@ Only task_method is required.  Delete any hook you do not need.
 Everything a task prints (and any error) goes to its log file by default.
 """
 
+import json
 import time
 import os
 
@@ -42,15 +43,18 @@ def task_method(variables, task_folder, log_file):
                  variable_iteration.py returned for it, if that function exists.
     task_folder  this task's own folder (already created): save results here.
     log_file     the file this task's output goes to.
-    Raise an exception to fail the task.  A dict you return (of JSON values)
-    is saved as task_folder/result.json; `threadward results` and
-    threadward.results(directory) make one table of them.
+    Raise an exception to fail the task.  A dict of JSON values you return
+    is saved as task_folder/result.json (as this example writes its own);
+    `threadward results` and threadward.results(directory) make one table
+    of every task's.
     """
     model, dataset, seed = variables["model"], variables["dataset"], variables["seed"]
     time.sleep(0.3)   # pretend to work
     score = (len(model["name"]) * 7 + len(dataset) * 3 + seed) % 100 / 100.0
     print("evaluating %s on %s with seed %s: score %.2f" % (model["name"], dataset, seed, score))
-    return {"score": score}
+    with open(os.path.join(task_folder, "result.json"), "w") as stream:
+        json.dump({"model": model["name"], "dataset": dataset, "seed": seed,
+                   "score": score}, stream)
 
 
 def verify_task_success(variables, task_folder, log_file):
