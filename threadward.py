@@ -2546,13 +2546,16 @@ class _Ledger:
             self._fds[name] = fd
             self._drop_torn_line(fd)
         # Unique without reading the record (it grows by a line per task):
-        # one run at a time holds the project, and it lasts over a second.
-        run = "%s-%d" % (time.strftime("%Y%m%d-%H%M%S"), os.getpid())
+        # one run at a time holds the project, and none ends within the
+        # millisecond it started in (a program may run several in a row).
+        now = time.time()
+        run = "%s.%03d-%d" % (time.strftime("%Y%m%d-%H%M%S", time.localtime(now)),
+                              int(now % 1 * 1000), os.getpid())
         self._run = _json_text(run)
         # "fresh": the result files started empty, so earlier outcomes no
         # longer count (results() reads from the last such line on).
         _write_all(self._fds[EVENTS_FILE], (_json_text({
-            "event": "run", "run": run, "time": round(time.time(), 3), "fresh": fresh,
+            "event": "run", "run": run, "time": round(now, 3), "fresh": fresh,
             "tasks": self.total, "skipped": self.skipped, "pid": os.getpid(),
             "host": os.uname().nodename, "version": __version__}) + "\n").encode())
 
