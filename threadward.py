@@ -8,6 +8,7 @@ Usage::
     threadward run [DIR]       # expand the variables, start workers, run
     threadward run --only model=gpt2 --limit 1 [DIR]   # a part of the sweep first
     threadward status [DIR]    # what a running sweep is doing (from its status file)
+    threadward results [DIR]   # one row per task: status, seconds, variables, result.json
 
 (`python -m threadward ...` and `python threadward.py ...` work the same.)
 
@@ -33,7 +34,7 @@ Data flow (one thread in the main process; nothing blocks but the select)::
     worker stdouts --+     +----------------+   result line   +-----------+
                                    |                            ...  N
                                    v
-                successful_tasks.txt / failed_tasks.txt (whole lines only)
+                successful_tasks.txt / failed_tasks.txt / events.jsonl (whole lines only)
 
 * The main process loads the three project files, expands the variables,
   writes ``task_queue/all_tasks.json``, runs ``before_all_tasks`` and
@@ -79,7 +80,7 @@ in); it needs only ``psutil`` and, for GPUs, ``GPUtil``.
 __version__ = "0.1.0"
 __license__ = "MIT"
 __all__ = ["VariableSet", "Task", "Worker", "Threadward", "ThreadwardError",
-           "ConfigError", "main"]
+           "ConfigError", "results", "main"]
 
 
 ###############################################################################
@@ -242,11 +243,14 @@ PROJECT_SUBDIR = "threadward"
 
 CONFIG_FILES = ("task_specification.py", "resource_constraints.py", "variable_iteration.py")
 RESULT_FILES = ("successful_tasks.txt", "failed_tasks.txt")
+# The event record of the runs (task_queue/, beside the result files): one
+# JSON object per line, appended, kept across runs; see _Ledger.
+EVENTS_FILE = "events.jsonl"
 # The settings of each project file: one in the wrong file, or a name a
 # letter or two off one of them, is a configuration error.
 SETTINGS = {
     "task_specification.py": ("SUCCESS_CONDITION", "OUTPUT_MODE", "SIGTERM_GRACE",
-                              "TASK_TIMEOUT"),
+                              "TASK_TIMEOUT", "RETRIES"),
     "resource_constraints.py": ("NUM_WORKERS", "NUM_GPUS_PER_WORKER", "AVOID_GPUS",
                                 "INCLUDE_GPUS", "LAUNCHER", "SLURM_OPTIONS", "HOSTS",
                                 "SSH_OPTIONS", "REMOTE_PYTHON", "CPUS_PER_WORKER", "PIN_CPUS"),
@@ -2035,6 +2039,7 @@ class _Project:
         self.sigterm_grace = _number_setting(module, path, "SIGTERM_GRACE", SIGTERM_GRACE, 0)
         self.task_timeout = _number_setting(module, path, "TASK_TIMEOUT", None, 0.001,
                                             allow_none=True)
+        self.retries = _number_setting(module, path, "RETRIES", 0, 0, integer=True)
 
     def _read_variable_settings(self):
         module, path = self.variable_module, self._source("variable_iteration.py")
@@ -3100,20 +3105,41 @@ class _RunLock:
             self._fd = None
 
 
+# One line of events.jsonl per attempt that ended, made without the JSON
+# encoder's set-up (a line per task of a million-task sweep; see B5).
+_TASK_EVENT = ('{"event": "task", "run": %s, "id": %s, "status": "%s", "reason": %s, '
+               '"seconds": %s, "load": %s, "attempt": %d, "worker": %s, "time": %.3f}')
+
+
 class _Ledger:
-    """successful_tasks.txt and failed_tasks.txt, and the counts, progress,
-    ETA and summary that follow from them.
+    """successful_tasks.txt and failed_tasks.txt, the event record
+    events.jsonl, and the counts, progress, ETA and summary that follow.
+
+    The result files hold each task's final outcome, as reruns read it.
+    events.jsonl, kept across runs, holds the history: a ``{"event": "run",
+    ...}`` line where each run starts, then one ``{"event": "task", ...}``
+    line per attempt that ended (status "succeeded", "failed",
+    "interrupted", or "retrying" for a failed attempt that runs again),
+    with its seconds, load seconds, attempt number and worker; `results`
+    reads seconds and attempts from it.
 
     Lines recorded during a pass of the main loop are appended at its end
     (``write``): whole lines, one write per file (O_APPEND), so a crash
     leaves no half line, and a task whose line is lost is only run again.
-    A torn last line left by a crash is dropped when the files are opened."""
+    The events go first: a crash between the writes leaves an outcome in
+    the record that the result files lack, and the next run, which runs the
+    task again, records it anew; never the other way round, which no run
+    would correct.  A torn last line left by a crash is dropped when the
+    files are opened (and ignored where events.jsonl is read)."""
 
     def __init__(self, queue_dir):
         self.queue_dir = queue_dir
         self._fds = {}
         self._unwritten = {}          # result file name -> lines not yet written
+        self._events = []             # events.jsonl lines not yet written
+        self._run = None              # this run's ID as JSON text
         self.succeeded = self.failed = self.skipped = 0
+        self.retried = 0              # failed attempts that ran again
         self.total = 0                # tasks to run in this run
         self.started = None           # monotonic time the run started
         self._finish_at = None        # the estimated end of the sweep (monotonic)
@@ -3157,15 +3183,29 @@ class _Ledger:
                                   % (_display_path(path), exc.strerror or exc))
 
     def open(self, fresh):
-        """Open both files for appending: failed_tasks.txt starts empty each
-        run (its tasks run again), successful_tasks.txt only when ``fresh``."""
+        """Open the files for appending: failed_tasks.txt starts empty each
+        run (its tasks run again), successful_tasks.txt only when ``fresh``,
+        events.jsonl never; it gets this run's "run" line now."""
         self.started = time.monotonic()
-        for name in RESULT_FILES:
-            truncate = fresh or name == "failed_tasks.txt"
+        for name in RESULT_FILES + (EVENTS_FILE,):
+            truncate = name != EVENTS_FILE and (fresh or name == "failed_tasks.txt")
             fd = os.open(self.path(name), os.O_RDWR | os.O_CREAT | os.O_APPEND |
                          (os.O_TRUNC if truncate else 0), 0o666)
             self._fds[name] = fd
             self._drop_torn_line(fd)
+        # Unique without reading the record (it grows by a line per task):
+        # one run at a time holds the project, and none ends within the
+        # millisecond it started in (a program may run several in a row).
+        now = time.time()
+        run = "%s.%03d-%d" % (time.strftime("%Y%m%d-%H%M%S", time.localtime(now)),
+                              int(now % 1 * 1000), os.getpid())
+        self._run = _json_text(run)
+        # "fresh": the result files started empty, so earlier outcomes no
+        # longer count (results() reads from the last such line on).
+        _write_all(self._fds[EVENTS_FILE], (_json_text({
+            "event": "run", "run": run, "time": round(now, 3), "fresh": fresh,
+            "tasks": self.total, "skipped": self.skipped, "pid": os.getpid(),
+            "host": os.uname().nodename, "version": __version__}) + "\n").encode())
 
     @staticmethod
     def _drop_torn_line(fd):
@@ -3186,25 +3226,52 @@ class _Ledger:
             os.close(fd)
         self._fds.clear()
 
-    def record(self, task_id, success, reason, seconds):
-        """Count a task's end; its line is written at the next ``write``.
+    def record(self, task_id, success, reason, seconds, load=0.0, attempt=1, worker=None):
+        """Count a task's final outcome (after ``attempt`` attempts, the last
+        on worker ``worker``); its lines are written at the next ``write``.
         Returns the one-line reason recorded for a failure."""
         if seconds is not None:
             self._durations.add(seconds)
         if success:
             self.succeeded += 1
             self._unwritten.setdefault("successful_tasks.txt", []).append(task_id)
+            status = "succeeded"
         else:
             self.failed += 1
             reason = _one_line(reason) or "failed"
             self._unwritten.setdefault("failed_tasks.txt", []).append(
                 "%s\t%s" % (task_id, reason))
+            status = "interrupted" if reason == Worker.INTERRUPTED else "failed"
+        self._event(task_id, status, reason, seconds, load, attempt, worker)
         self._estimate_finish()
         return reason
 
+    def retry(self, task_id, reason, seconds, load, attempt, worker):
+        """A failed attempt whose task runs again: an event only (the result
+        files get the final outcome).  Returns the one-line reason."""
+        self.retried += 1
+        reason = _one_line(reason) or "failed"
+        self._event(task_id, "retrying", reason, seconds, load, attempt, worker)
+        return reason
+
+    def _event(self, task_id, status, reason, seconds, load, attempt, worker):
+        self._events.append(_TASK_EVENT % (
+            self._run, _json_text(task_id), status, _json_text(reason),
+            "null" if seconds is None else "%.6f" % seconds, "%.6f" % load if load else "0",
+            attempt, "null" if worker is None else worker, time.time()))
+
     def write(self):
-        """Append the lines recorded since the last write; the error, or None."""
+        """Append the lines recorded since the last write, the events first;
+        the error, or None."""
+        events, self._events = self._events, []
         unwritten, self._unwritten = self._unwritten, {}
+        if events:
+            try:
+                _write_all(self._fds[EVENTS_FILE], ("\n".join(events) + "\n").encode())
+            except OSError as exc:
+                # The result lines are not written either: their tasks run again.
+                return "cannot record %s in %s (%s)" % (
+                    _plural(len(events), "task end"), EVENTS_FILE, exc)
         errors = []
         for name, lines in unwritten.items():   # each file, whatever the other's fate
             try:
@@ -3279,21 +3346,264 @@ class _Ledger:
                 _format_duration(self.elapsed()), _format_duration(self.eta()),
                 "%.2fs" % durations.mean() if durations.count else "?",
                 "%.2fs" % durations.largest if durations.count else "?"),
-            "tasks: %d succeeded, %d failed, %d skipped (done before), %d remaining of %d" % (
+            "tasks: %d succeeded, %d failed, %d skipped (done before), %d remaining of %d%s" % (
                 self.succeeded, self.failed, self.skipped, self.total - done,
-                self.total + self.skipped)]
+                self.total + self.skipped, self._retries_text("; "))]
+
+    def _retries_text(self, separator):
+        """'; 3 retries' (failed attempts that ran again), or "" if none."""
+        if not self.retried:
+            return ""
+        return "%s%d %s" % (separator, self.retried, "retry" if self.retried == 1 else "retries")
 
     def summary(self, stopped, not_run):
         """The last lines of a run; ``stopped``: why it stopped early, if it did."""
-        lines = ["%s in %s: %d succeeded, %d failed%s%s" % (
+        lines = ["%s in %s: %d succeeded, %d failed%s%s%s" % (
             "stopped (%s)" % stopped if stopped else "done",
             _format_duration(self.elapsed()), self.succeeded, self.failed,
             ", %d not run" % not_run if not_run else "",
-            ", %d skipped (already succeeded)" % self.skipped if self.skipped else "")]
+            ", %d skipped (already succeeded)" % self.skipped if self.skipped else "",
+            self._retries_text(", "))]
         if self.failed:
             lines.append("failed tasks are listed in %s; `threadward run` again retries them"
                          % _display_path(self.path("failed_tasks.txt")))
         return lines
+
+
+###############################################################################
+# Results table ###############################################################
+###############################################################################
+#
+# threadward.results(DIR) and `threadward results`: one row per task of
+# all_tasks.json, in generation order, read from the files alone.  The
+# project's own files are not imported: a table can be read while they are
+# being edited, or where the task's dependencies are not installed.
+
+RESULT_FORMATS = ("csv", "jsonl", "markdown")
+# A result key equal to an earlier column (a variable, task_id, status, ...)
+# is given this prefix.
+RESULT_PREFIX = "result."
+# What the last event of a task says of it, as results() reports it: an
+# interrupted task, and one whose retry never ended, failed.
+_EVENT_STATUS = {"succeeded": "succeeded", "failed": "failed", "interrupted": "failed",
+                 "retrying": "failed"}
+
+
+def results(directory="."):
+    """One dict per task of the project in ``directory``, in generation
+    order (that of all_tasks.json, as the last run wrote it)::
+
+        {"task_id": ..., "status": "succeeded" | "failed" | "not run",
+         "reason": ..., "seconds": ..., "attempts": ...,
+         <each variable by name>: its declared value,
+         <each key of the task's result.json>: its value}
+
+    ``seconds`` and ``attempts`` are those of the latest run that ran the
+    task (``seconds``: its last attempt); a result key equal to an earlier
+    column is prefixed ``result.``.  ``pandas.DataFrame(results(d))`` is a
+    data frame of the sweep.  Reads only files, and works while a run goes
+    on (its running tasks show their outcome of the run before, if any)."""
+    return [row for row, _ in _result_rows(directory)]
+
+
+def _result_rows(directory):
+    """(row, {variable: nickname}) per task: the nicknames are for --where."""
+    project = _Project(directory)
+    tasks = _read_task_list(project)
+    outcome = _Outcomes(project.queue_dir)
+    for entry in tasks:
+        status, reason, seconds, attempts = outcome.of(entry["task_id"])
+        row = {"task_id": entry["task_id"], "status": status, "reason": reason,
+               "seconds": seconds, "attempts": attempts}
+        nicknames = {}
+        for name, declared in entry["variables"].items():
+            row[name] = declared.get("value")
+            nicknames[name] = declared.get("nickname")
+        columns = set(row)
+        for key, value in _read_result(os.path.join(project.directory,
+                                                    entry["task_folder"])).items():
+            row[RESULT_PREFIX + key if key in columns else key] = value
+        yield row, nicknames
+
+
+def _read_task_list(project):
+    if not os.path.isdir(project.config_dir):
+        raise ThreadwardError("%s has no threadward/ folder; give the project directory (the "
+                              "one holding threadward/)" % _display_path(project.directory))
+    path = os.path.join(project.queue_dir, "all_tasks.json")
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except FileNotFoundError:
+        data = b""
+    if not data.strip():   # `init` leaves it empty
+        raise ThreadwardError("%s has no tasks yet: the project has not been run; "
+                              "`threadward run` writes it" % _display_path(path))
+    try:
+        return _json_decode(data.decode("utf-8"))
+    except ValueError as exc:
+        raise ThreadwardError("cannot read %s (%s); `threadward run` writes it again"
+                              % (_display_path(path), exc))
+
+
+def _read_result(folder):
+    """The task's result.json as a dict ({} if there is none); one that is
+    not a JSON object is left out, with a warning naming it."""
+    path = os.path.join(folder, "result.json")
+    try:
+        with open(path, "rb") as stream:
+            result = _json_decode(stream.read().decode("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        result = exc
+    if isinstance(result, dict):
+        return result
+    import warnings
+    warnings.warn("%s is left out of the results: %s; a task's result.json must hold one "
+                  "JSON object ({\"name\": value, ...})" % (
+                      _display_path(path), result if isinstance(result, Exception)
+                      else "it holds a %s" % type(result).__name__), stacklevel=3)
+    return {}
+
+
+class _Outcomes:
+    """Each task's last outcome: from events.jsonl (the last event of the
+    task in the latest run that ran it, from the last --fresh run on), and
+    for a task it does not name (a project run before events were
+    recorded), from successful_tasks.txt and failed_tasks.txt."""
+
+    NOT_RUN = ("not run", "", None, 0)
+
+    def __init__(self, queue_dir):
+        self.queue_dir = queue_dir
+        self.events = self._read_events(os.path.join(queue_dir, EVENTS_FILE))
+        self._files = None   # (succeeded IDs, {failed ID: reason}), read if needed
+
+    @staticmethod
+    def _read_events(path):
+        """{task ID: (status, reason, seconds, attempt)} of each task's last event."""
+        last = {}
+        try:
+            stream = open(path, "rb")
+        except FileNotFoundError:
+            return last
+        with stream:
+            for line in stream:
+                if not line.endswith(b"\n"):
+                    break   # torn: its writer died mid-line
+                try:
+                    event = _json_decode(line.decode("utf-8"))
+                    kind = event.get("event")
+                except (ValueError, AttributeError):
+                    continue   # not an event (glued to a torn line before a fix)
+                if kind == "task":
+                    last[event.get("id")] = (
+                        _EVENT_STATUS.get(event.get("status"), "failed"),
+                        event.get("reason") or "", event.get("seconds"), event.get("attempt"))
+                elif kind == "run" and event.get("fresh"):
+                    last.clear()   # the result files started empty there
+        return last
+
+    def of(self, task_id):
+        """(status, reason, seconds, attempts) of a task."""
+        found = self.events.get(task_id)
+        if found is not None:
+            return found
+        if self._files is None:
+            self._files = self._read_files()
+        succeeded, failed = self._files
+        if task_id in succeeded:
+            return ("succeeded", "", None, 1)
+        if task_id in failed:
+            return ("failed", failed[task_id], None, 1)
+        return self.NOT_RUN
+
+    def _read_files(self):
+        succeeded = _Ledger(self.queue_dir).read_succeeded()
+        failed = {}
+        try:
+            with open(os.path.join(self.queue_dir, "failed_tasks.txt"), "rb") as stream:
+                lines = stream.read().split(b"\n")
+        except FileNotFoundError:
+            lines = [b""]
+        lines.pop()   # empty after a final newline; a torn last line otherwise
+        for line in lines:
+            task_id, _, reason = line.decode("utf-8", "replace").partition("\t")
+            if task_id:
+                failed[task_id] = reason
+        return succeeded, failed
+
+
+def _cell(value):
+    """A value as the text of a CSV or markdown cell: None is empty, lists
+    and dicts (from result.json) are JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return _json_text(value)
+    return str(value)
+
+
+def _where_filter(conditions, rows):
+    """The rows that --where NAME=VALUE ... selects: a condition holds when
+    the column's value (as text, or as JSON: true, null) or a variable's
+    nickname is VALUE; a NAME given twice takes either value, different
+    NAMEs must all hold."""
+    wanted = collections.OrderedDict()
+    for condition in conditions:
+        name, equals, value = condition.partition("=")
+        if not equals or not name:
+            raise ThreadwardError("--where %r: write NAME=VALUE, like --where model=gpt2"
+                                  % condition)
+        wanted.setdefault(name, set()).add(value)
+    columns = set()
+    for row, _ in rows:
+        columns.update(row)
+    unknown = [name for name in wanted if name not in columns]
+    if rows and unknown:
+        raise ThreadwardError("--where %s: no such column; the columns are: %s" % (
+            unknown[0], ", ".join(_columns(row for row, _ in rows))))
+
+    def holds(row, nicknames, name, values):
+        value = row.get(name)
+        return bool(values & {_cell(value), _json_text(value), nicknames.get(name)})
+    return [(row, nicknames) for row, nicknames in rows
+            if all(holds(row, nicknames, name, values) for name, values in wanted.items())]
+
+
+def _columns(rows):
+    """Every key of the rows, in the order first seen (result keys may
+    differ from task to task)."""
+    seen = collections.OrderedDict()
+    for row in rows:
+        for key in row:
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+def _write_table(rows, columns, form, out):
+    """The rows to ``out`` as CSV (a header line of ``columns`` first), JSON
+    lines, or a markdown table."""
+    if form == "jsonl":
+        for row in rows:
+            out.write(_json_text(row) + "\n")
+        return
+    if form == "csv":
+        import csv
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row.get(column)) for column in columns])
+        return
+
+    def line(cells):
+        return "| %s |\n" % " | ".join(
+            " ".join(cell.replace("|", "\\|").split()) for cell in cells)
+    out.write(line(columns))
+    out.write("|%s\n" % ("---|" * len(columns)))
+    for row in rows:
+        out.write(line([_cell(row.get(column)) for column in columns]))
 
 
 ###############################################################################
@@ -3970,6 +4280,7 @@ class Threadward:
         self._hook_failed = False
         self._own_children = set()    # processes of before_all_tasks: not orphans
         self._orphans = _Orphans()    # what workers that died left running
+        self._attempts = {}           # task indices -> its failed attempts, while retried
 
     # -- public entry -------------------------------------------------------
 
@@ -4292,7 +4603,7 @@ class Threadward:
         reason = result.reason
         if not result.succeeded and (ours or result.terminated):
             reason = worker.end_cause if ours else Worker.INTERRUPTED
-        self._record(task, result.succeeded, reason, result.seconds)
+        self._record(task, result.succeeded, reason, result.seconds, result.load, worker)
 
     def _on_cancelled(self, worker, message):
         task = worker.cancelled(message.get("id"))
@@ -4333,7 +4644,7 @@ class Threadward:
         reason = worker.exit_reason()
         if worker.queue:
             task = worker.queue.popleft()
-            self._record(task, False, worker.lost_task_reason())
+            self._record(task, False, worker.lost_task_reason(), worker=worker)
             self._show_log_tail(task)
         if previous == Worker.STARTING:
             self._on_start_failure(worker, reason)
@@ -4443,15 +4754,23 @@ class Threadward:
             worker.kill_now()
             self._put_back(worker, worker.take_back())
             if worker.queue:
-                self._record(worker.queue.popleft(), False, Worker.INTERRUPTED)
+                self._record(worker.queue.popleft(), False, Worker.INTERRUPTED, worker=worker)
         self._workers.clear()
 
     # -- results ------------------------------------------------------------
 
-    def _record(self, task, success, reason, seconds=None):
+    def _record(self, task, success, reason, seconds=None, load=0.0, worker=None):
+        """The end of an attempt of ``task`` (on ``worker``): a failure with
+        RETRIES left runs again, anything else is its outcome."""
         if seconds is None and task.started is not None:
             seconds = time.monotonic() - task.started
-        reason = self._ledger.record(task.task_id, success, reason, seconds)
+        worker_id = None if worker is None else worker.worker_id
+        attempt = self._attempts.pop(task.indices, 0) + 1
+        if not success and self._retries_it(reason, attempt):
+            self._retry(task, reason, seconds, load, attempt, worker_id)
+            return
+        reason = self._ledger.record(task.task_id, success, reason, seconds, load, attempt,
+                                     worker_id)
         if not success:
             handling = self.project.failure_handling
             if handling != "SILENT_CONTINUE":
@@ -4466,6 +4785,25 @@ class Threadward:
             arguments = [self.project.variable_set.variables_of(task.indices), task.folder,
                          task.log_file] + ([] if success else [reason])
             self._call_main_hook(hook, *arguments, module=self.project.variable_module)
+
+    def _retries_it(self, reason, attempt):
+        """Whether a failed attempt runs again: RETRIES allows one more, and
+        it was not stopped on purpose (interrupted), nor is the run stopping
+        (a task handed back now would never be handed out)."""
+        return (attempt <= self.project.retries and reason != Worker.INTERRUPTED
+                and not self._stopping)
+
+    def _retry(self, task, reason, seconds, load, attempt, worker_id):
+        self._attempts[task.indices] = attempt
+        reason = self._ledger.retry(task.task_id, reason, seconds, load, attempt, worker_id)
+        if self.project.failure_handling != "SILENT_CONTINUE":
+            self.say("retrying %s (attempt %d of %d): %s" % (
+                task.task_id, attempt + 1, self.project.retries + 1, reason))
+        # The scheduler has released the attempt already (it ended, or its
+        # worker is gone), so the task only goes back among the remaining
+        # ones, under its prefix: a worker that holds it loads nothing to
+        # run it again.  (put_back would release the task queued behind it.)
+        self.scheduler.add(task.indices)
 
     def _write_results(self):
         error = self._ledger.write()
@@ -5097,7 +5435,8 @@ class _WorkerProcess:
             variables = self._convert(variable_list)
             self._call_hook("before_each_task", variables, folder, log_file)
             try:
-                self.spec.task_method(variables, folder, log_file)
+                # Saved before the later hooks run: they may read or check it.
+                _save_result(self.spec.task_method(variables, folder, log_file), folder)
             finally:
                 self._call_hook("after_each_task", variables, folder, log_file)
         except (Exception, SystemExit) as exc:
@@ -5185,6 +5524,36 @@ class _Tee:
         os.close(self.write_fd)
         self._thread.join(KILL_WAIT)
         return not self._thread.is_alive()
+
+
+def _json_default(value):
+    """What json cannot write itself: numpy arrays and scalars, torch
+    tensors (whatever has .tolist()) become lists and numbers."""
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError("%s is not a JSON value" % type(value).__name__)
+
+
+def _save_result(returned, folder):
+    """A dict returned by task_method becomes result.json in the task folder
+    (written whole, then renamed: never half a file); None leaves the folder
+    as the task left it (a result.json it wrote itself is kept)."""
+    if returned is None:
+        return
+    if not isinstance(returned, dict):
+        # Into the task's log: a task returning something else worked before
+        # results existed, and must not fail now.
+        _stderr("task_method returned %s, not a dict: it is not saved; return a dict of "
+                "JSON values to have it in result.json" % type(returned).__name__)
+        return
+    try:
+        text = json.dumps(returned, indent=1, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise TypeError("task_method returned a dict that cannot be saved as result.json "
+                        "(%s); return numbers, strings, booleans, None, lists and dicts "
+                        "with string keys" % exc) from None
+    _atomic_write(os.path.join(folder, "result.json"), text + "\n")
 
 
 def _print_traceback():
@@ -5320,6 +5689,7 @@ import json
 import os
 
 SUCCESS_CONDITION = "NO_ERROR_ONLY"
+RETRIES = 0
 
 
 def task_method(variables, task_folder, log_file):
@@ -5444,6 +5814,21 @@ def _build_parser():
                      help="run at most N tasks: the first N still to run, in task-list order")
     status = commands.add_parser("status", help="show a running sweep (from another terminal)")
     status.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    table = commands.add_parser(
+        "results", help="print one row per task: status, seconds, attempts, the variables and "
+                        "the task's result.json",
+        description="Print one row per task, in generation order: task_id, status (succeeded, "
+                    "failed, not run), reason, seconds, attempts, each variable's value, then "
+                    "the keys of the task's result.json (one that repeats a column is "
+                    "prefixed result.).")
+    table.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    table.add_argument("--format", choices=RESULT_FORMATS, default="csv",
+                       help="csv (default, with a header line), jsonl (a JSON object per "
+                            "line) or markdown (a table)")
+    table.add_argument("--where", action="append", default=[], metavar="NAME=VALUE",
+                       help="only the rows whose column NAME is VALUE (a variable matches its "
+                            "value or nickname); repeat a NAME for either of several values; "
+                            "different NAMEs must all match")
     return parser
 
 
@@ -5487,6 +5872,16 @@ def _cmd_status(args):
     return EXIT_OK
 
 
+def _cmd_results(args):
+    rows = list(_result_rows(args.directory))
+    # The columns of the whole table: a header even when no row is selected.
+    columns = _columns(row for row, _ in rows)
+    rows = _where_filter(args.where, rows)
+    _write_table([row for row, _ in rows], columns, args.format, sys.stdout)
+    sys.stdout.flush()   # here, where a reader that left is handled (main)
+    return EXIT_OK
+
+
 def main(argv=None):
     """The `threadward` command; returns the exit code."""
     # User files that `import threadward` must get this module, not a second copy.
@@ -5497,7 +5892,8 @@ def main(argv=None):
     if argv[:1] == [WORKER_MODE]:
         return _worker_main(argv[1:])
     args = _build_parser().parse_args(argv)
-    handler = {"init": _cmd_init, "run": _cmd_run, "status": _cmd_status}[args.command]
+    handler = {"init": _cmd_init, "run": _cmd_run, "status": _cmd_status,
+               "results": _cmd_results}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

@@ -30,6 +30,11 @@ TASK_TIMEOUT = None
 # "interrupted", so the next `threadward run` retries them.
 SIGTERM_GRACE = 20
 
+# How many more times a failed task runs (an error, verify_task_success
+# false, a timeout, a worker that died; never an interrupted one) before it
+# is recorded as failed.  The console says "retrying ID (attempt 2 of 3)".
+RETRIES = 0
+
 
 def task_method(variables, task_folder, log_file):
     """Run one task.
@@ -38,7 +43,10 @@ def task_method(variables, task_folder, log_file):
                  variable_iteration.py returned for it, if that function exists.
     task_folder  this task's own folder (already created): save results here.
     log_file     the file this task's output goes to.
-    Raise an exception to fail the task.
+    Raise an exception to fail the task.  A dict of JSON values you return
+    is saved as task_folder/result.json (as this example writes its own);
+    `threadward results` and threadward.results(directory) make one table
+    of every task's.
     """
     model, dataset, seed = variables["model"], variables["dataset"], variables["seed"]
     time.sleep(0.3)   # pretend to work
