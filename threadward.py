@@ -1213,6 +1213,26 @@ def _write_task_list(project, succeeded, scheduler, selection=None):
     return skipped
 
 
+def _fill_queue(project, ledger, fresh, selection):
+    """Expand, check IDs, stream all_tasks.json: the scheduler of the tasks
+    to run (``ledger`` counts them and those skipped), and what to say of
+    the selection."""
+    if _case_insensitive(project.queue_dir):
+        _check_case_collisions(project.variable_set, project.variables_where())
+    if fresh and selection is not None and selection.only:
+        # --fresh --only: the other tasks' results are kept.
+        selection.previous = ledger.read_succeeded()
+    succeeded = set() if fresh else ledger.read_succeeded()
+    scheduler = _Scheduler(len(project.variable_set.variables))
+    ledger.skipped = _write_task_list(project, succeeded, scheduler, selection)
+    ledger.total = len(scheduler)
+    if selection is None:
+        return scheduler, []
+    if selection.previous is not None:
+        ledger.forget(selection.forgotten)
+    return scheduler, selection.lines()
+
+
 def _stream_tasks(project, stream, succeeded, scheduler, selection=None):
     variable_set = project.variable_set
     location = project.folder_location
@@ -2014,6 +2034,14 @@ class _Project:
         if self.sweep is None:
             return {"converters": converters} if converters else None
         return dict(self.sweep.worker_spec(), converters=converters)
+
+    def ignored_files_note(self):
+        """A sweep from code in a folder that holds project files reads none of them."""
+        found = [name for name in CONFIG_FILES if os.path.exists(self.path(name))]
+        if self.sweep is None or not found:
+            return None
+        return "note: a sweep from code reads none of the project files; %s in %s %s ignored" % (
+            ", ".join(found), _display_path(self.config_dir), "is" if len(found) == 1 else "are")
 
     def write_worker_spec(self):
         """task_queue/sweep.json for the workers about to start (or no such
@@ -4045,6 +4073,22 @@ class _StatusBar:
     # SIGWINCH: the terminal was resized; SIGTSTP (Ctrl-Z): give the terminal
     # back before stopping; SIGCONT: draw again.
     SIGNALS = (signal.SIGWINCH, signal.SIGTSTP, signal.SIGCONT)
+
+    @staticmethod
+    def on_signal(bar, signum):
+        """A resize, Ctrl-Z, and `fg` (or any SIGCONT); ``bar`` may be None."""
+        if signum == signal.SIGTSTP:
+            # The shell gets its whole screen back while we are stopped.
+            # Workers run on: they are in process groups of their own.
+            if bar is not None:
+                bar.close()
+            os.kill(os.getpid(), signal.SIGSTOP)   # returns after `fg` (SIGCONT)
+        if bar is None:
+            return
+        if signum == signal.SIGWINCH:
+            bar.resized()
+        else:
+            bar.resume()   # after Ctrl-Z, `fg`: the bar comes back below what the shell wrote
     MIN_ROWS, MIN_COLUMNS = 4, 30
     SAVE, RESTORE = "\x1b7", "\x1b8"
 
@@ -4329,7 +4373,9 @@ class Threadward:
                      "again)" % ledger.skipped)
             return EXIT_OK
         self._cap_workers()
-        self._note_ignored_files()
+        note = project.ignored_files_note()
+        if note:
+            self.say(note)
         project.write_worker_spec()
         ledger.open(self.fresh and not (self._selection and self._selection.only))
         covered = self._selection.matched if self._selection else ledger.skipped + ledger.total
@@ -4388,34 +4434,11 @@ class Threadward:
         for line in self._places.cap(self._ledger.total, self.project, self._launcher):
             self.say(line)
 
-    def _note_ignored_files(self):
-        """A sweep from code in a folder that holds project files reads none of them."""
-        if self.project.sweep is None:
-            return
-        found = [name for name in CONFIG_FILES if os.path.exists(self.project.path(name))]
-        if found:
-            self.say("note: a sweep from code reads none of the project files; %s in %s "
-                     "%s ignored" % (", ".join(found), _display_path(self.project.config_dir),
-                                     "is" if len(found) == 1 else "are"))
-
     def _prepare_queue(self):
-        """Expand, check IDs, stream all_tasks.json, fill the scheduler."""
-        project = self.project
-        if _case_insensitive(project.queue_dir):
-            _check_case_collisions(project.variable_set, project.variables_where())
-        selection = self._selection
-        if self.fresh and selection is not None and selection.only:
-            # --fresh --only: the other tasks' results are kept.
-            selection.previous = self._ledger.read_succeeded()
-        succeeded = set() if self.fresh else self._ledger.read_succeeded()
-        self.scheduler = _Scheduler(len(project.variable_set.variables))
-        self._ledger.skipped = _write_task_list(project, succeeded, self.scheduler, selection)
-        self._ledger.total = len(self.scheduler)
-        if selection is not None:
-            for line in selection.lines():
-                self.say(line)
-            if selection.previous is not None:
-                self._ledger.forget(selection.forgotten)
+        self.scheduler, lines = _fill_queue(self.project, self._ledger, self.fresh,
+                                            self._selection)
+        for line in lines:
+            self.say(line)
 
     def _print_dry_run(self):
         # --limit counts the tasks still to run: a dry run reads (only
@@ -4832,7 +4855,7 @@ class Threadward:
 
     def _on_signal(self, signum):
         if signum in _StatusBar.SIGNALS:
-            self._on_terminal_signal(signum)
+            _StatusBar.on_signal(self._bar, signum)
         elif signum == signal.SIGINT and self._stopping and not self._interrupting:
             self.say("second Ctrl-C: ending running tasks (recorded as interrupted)")
             self._interrupt_running()
@@ -4853,22 +4876,6 @@ class Threadward:
             self._stop("stopped by SIGINT")
             self.say("stopping: no new tasks; running tasks finish "
                      "(press Ctrl-C again to stop running tasks)")
-
-    def _on_terminal_signal(self, signum):
-        """The bar's signals: a resize, Ctrl-Z, and `fg` (or any SIGCONT)."""
-        bar = self._bar
-        if signum == signal.SIGTSTP:
-            # The shell gets its whole screen back while we are stopped.
-            # Workers run on: they are in process groups of their own.
-            if bar is not None:
-                bar.close()
-            os.kill(os.getpid(), signal.SIGSTOP)   # returns after `fg` (SIGCONT)
-        if bar is None or self._bar is not bar:
-            return
-        if signum == signal.SIGWINCH:
-            bar.resized()
-        else:
-            bar.resume()   # after Ctrl-Z, `fg`: the bar comes back below what the shell wrote
 
     # -- the verbs of a running sweep ---------------------------------------
 
