@@ -1,6 +1,6 @@
 # make demo   create a virtualenv, install threadward, run the example sweep
 # make test   install the test dependencies and run the whole suite
-# make test-ml  the real-workload suite (PyTorch CPU, joblib, scikit-learn, tqdm)
+# make test-ml  the real-workload suite (PyTorch CPU, joblib, scikit-learn, tqdm, pandas)
 # make bench  run the benchmarks in bench/
 # make lint   pyflakes and pycodestyle on threadward.py
 
@@ -26,7 +26,7 @@ $(VENV)/.test-deps: $(BIN)/threadward
 
 # torch==2.13.0 exactly: the CPU build these machines hold for Python 3.11
 # (an unpinned torch would pull a CUDA build of several GB).
-ML_PACKAGES = torch==2.13.0 numpy==2.4.6 joblib==1.6.0 scikit-learn==1.9.1 tqdm==4.70.1
+ML_PACKAGES = torch==2.13.0 numpy==2.4.6 joblib==1.6.0 scikit-learn==1.9.1 tqdm==4.70.1 pandas==3.1.1
 
 $(VENV)/.ml-deps: $(VENV)/.test-deps
 	$(BIN)/python -m pip install -q $(ML_PACKAGES)
