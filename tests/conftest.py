@@ -4,6 +4,7 @@ import functools
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -175,6 +176,30 @@ def run_until(project, stdin, text, gate):
             process.kill()
             process.communicate()
     return subprocess.CompletedProcess(process.args, process.returncode, seen + out, err)
+
+
+HANGING_TASK_ZERO = """
+import os, time
+%s
+def task_method(variables, task_folder, log_file):
+    if variables["x"] == 0:
+        with open(%r, "w") as stream:
+            stream.write(str(os.getpid()))
+        time.sleep(3600)
+"""
+
+
+def sigterm_task_zero(project, tmp_path, variables, settings=""):
+    """Run 2 workers where task x = 0 hangs, SIGTERM its worker from
+    outside (as Slurm preempting a step), and let the run end: (rc, out, err)."""
+    started = tmp_path / "started"
+    project.write(task=HANGING_TASK_ZERO % (settings, str(started)), variables=variables,
+                  resources="NUM_WORKERS = 2\n")
+    process = project.start()
+    pid = int(wait_for(lambda: started.exists() and started.read_text()))
+    os.kill(pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    return process.returncode, out, err
 
 
 # Task code runs in threadward's workers, not under pytest, but on this same

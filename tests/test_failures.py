@@ -14,7 +14,7 @@ import sys
 
 import psutil
 
-from conftest import read_until, wait_for
+from conftest import read_until, sigterm_task_zero, wait_for
 
 TASKS = ["0", "1", "2", "3", "4", "5"]
 
@@ -340,20 +340,8 @@ def test_worker_sigterm_from_outside_interrupts_its_task_and_is_not_replaced(pro
     """As when Slurm preempts a job and signals every step: the task is
     recorded `interrupted` (not a failure of the task), its worker is not
     replaced, and the other worker finishes the sweep."""
-    started = tmp_path / "started"
-    project.write(task="""
-import os, time
-def task_method(variables, task_folder, log_file):
-    if variables["x"] == 0:
-        with open(%r, "w") as stream:
-            stream.write(str(os.getpid()))
-        time.sleep(3600)
-""" % str(started), variables=VARIABLES, resources="NUM_WORKERS = 2\n")
-    process = project.start()
-    pid = int(wait_for(lambda: started.exists() and started.read_text()))
-    os.kill(pid, signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 1, out + err
+    returncode, out, err = sigterm_task_zero(project, tmp_path, VARIABLES)
+    assert returncode == 1, out + err
     assert project.failed() == {"0": "interrupted"}
     assert sorted(project.successful()) == TASKS[1:]
     assert "stopped by a SIGTERM from outside threadward; it is not replaced" in out

@@ -10,11 +10,10 @@ import csv
 import io
 import json
 import os
-import signal
 
 import threadward
 
-from conftest import wait_for
+from conftest import sigterm_task_zero
 
 
 def console(result):
@@ -379,21 +378,8 @@ def test_a_task_that_always_fails_is_failed_after_retries_plus_one_attempts(proj
 def test_an_interrupted_task_is_not_retried(project, tmp_path):
     """A SIGTERM from outside to a worker (preemption of a step) interrupts
     its task: recorded once, `interrupted`, whatever RETRIES says."""
-    started = tmp_path / "started"
-    project.write(task="""
-import os, time
-RETRIES = 3
-def task_method(variables, task_folder, log_file):
-    if variables["x"] == 0:
-        with open(%r, "w") as stream:
-            stream.write(str(os.getpid()))
-        time.sleep(3600)
-""" % str(started), variables=ONE_VARIABLE, resources="NUM_WORKERS = 2\n")
-    process = project.start()
-    pid = int(wait_for(lambda: started.exists() and started.read_text()))
-    os.kill(pid, signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 1, out + err
+    returncode, out, err = sigterm_task_zero(project, tmp_path, ONE_VARIABLE, "RETRIES = 3")
+    assert returncode == 1, out + err
     assert "retrying" not in out
     assert project.failed() == {"0": "interrupted"}
     assert [(e["status"], e["attempt"]) for e in task_events(project, "0")] == [
