@@ -3164,6 +3164,7 @@ class _Ledger:
         self.queue_dir = queue_dir
         self._fds = {}
         self._unwritten = {}          # result file name -> lines not yet written
+        self._failed_attempts = {}    # task ID -> its failed attempts, while it is retried
         self._events = []             # events.jsonl lines not yet written
         self._run = None              # this run's ID as JSON text
         self.succeeded = self.failed = self.skipped = 0
@@ -3258,6 +3259,7 @@ class _Ledger:
         """Count a task's final outcome (after ``attempt`` attempts, the last
         on worker ``worker``); its lines are written at the next ``write``.
         Returns the one-line reason recorded for a failure."""
+        self._failed_attempts.pop(task_id, None)
         if seconds is not None:
             self._durations.add(seconds)
         if success:
@@ -3274,10 +3276,15 @@ class _Ledger:
         self._estimate_finish()
         return reason
 
+    def attempt_of(self, task_id):
+        """The number of the attempt of ``task_id`` that has just ended."""
+        return self._failed_attempts.get(task_id, 0) + 1
+
     def retry(self, task_id, reason, seconds, load, attempt, worker):
         """A failed attempt whose task runs again: an event only (the result
         files get the final outcome).  Returns the one-line reason."""
         self.retried += 1
+        self._failed_attempts[task_id] = attempt
         reason = _one_line(reason) or "failed"
         self._event(task_id, "retrying", reason, seconds, load, attempt, worker)
         return reason
@@ -4324,7 +4331,6 @@ class Threadward:
         self._hook_failed = False
         self._own_children = set()    # processes of before_all_tasks: not orphans
         self._orphans = _Orphans()    # what workers that died left running
-        self._attempts = {}           # task indices -> its failed attempts, while retried
 
     # -- public entry -------------------------------------------------------
 
@@ -4788,7 +4794,7 @@ class Threadward:
         if seconds is None and task.started is not None:
             seconds = time.monotonic() - task.started
         worker_id = None if worker is None else worker.worker_id
-        attempt = self._attempts.pop(task.indices, 0) + 1
+        attempt = self._ledger.attempt_of(task.task_id)
         if not success and self._retries_it(reason, attempt):
             self._retry(task, reason, seconds, load, attempt, worker_id)
             return
@@ -4817,7 +4823,6 @@ class Threadward:
                 and not self._stopping)
 
     def _retry(self, task, reason, seconds, load, attempt, worker_id):
-        self._attempts[task.indices] = attempt
         reason = self._ledger.retry(task.task_id, reason, seconds, load, attempt, worker_id)
         if self.project.failure_handling != "SILENT_CONTINUE":
             self.say("retrying %s (attempt %d of %d): %s" % (
