@@ -53,6 +53,7 @@ Protocol (newline-delimited, on the worker's private copies of fd 0 and 1)::
     worker -> parent   {"op": "ready", "pid": ..., "host": ..., "gpus": CUDA_VISIBLE_DEVICES}
                        {"op": "result", "id": ..., "status": 0|1, "reason": ..., "seconds": ...,
                         "load": seconds of it spent in converters (when any ran),
+                        "converted": levels whose converters ran for it (when any did),
                         "terminated": true if SIGTERM ended it (the worker then exits)}
                        {"op": "cancelled", "id": ...}         (answers a cancel, per task)
                        {"op": "terminated"}   (SIGTERM came between tasks: it exits now)
@@ -96,6 +97,7 @@ import gc
 import importlib.util
 import itertools
 import json
+import math
 import os
 import select
 import selectors
@@ -246,6 +248,11 @@ RESULT_FILES = ("successful_tasks.txt", "failed_tasks.txt")
 # The event record of the runs (task_queue/, beside the result files): one
 # JSON object per line, appended, kept across runs; see _Ledger.
 EVENTS_FILE = "events.jsonl"
+EVENTS_SCHEMA = 2   # in each "run" line: what a reader of the record can expect
+# The timeline's events (workers, tasks handed out and started, resource
+# samples), beside the "run", "task" and "end" lines that `results` reads;
+# bench B1 and B5 turn them off to measure what they cost.
+TIMELINE_EVENTS = True
 # The settings of each project file: one in the wrong file, or a name a
 # letter or two off one of them, is a configuration error.
 SETTINGS = {
@@ -733,15 +740,17 @@ def _decode(line):
 class _Result:
     """How a task ended, as the worker reports it."""
 
-    __slots__ = ("task_id", "succeeded", "reason", "seconds", "load", "terminated")
+    __slots__ = ("task_id", "succeeded", "reason", "seconds", "load", "converted",
+                 "terminated")
 
-    def __init__(self, task_id, succeeded, reason="", seconds=None, load=0.0,
+    def __init__(self, task_id, succeeded, reason="", seconds=None, load=0.0, converted=(),
                  terminated=False):
         self.task_id = task_id
         self.succeeded = succeeded
         self.reason = reason        # one line, or "" on success
         self.seconds = seconds      # the worker's clock, loads included
         self.load = load            # seconds of it spent in converters
+        self.converted = converted  # the levels (0: the top) whose converters ran
         self.terminated = terminated   # a SIGTERM ended it; the worker exits next
 
     def __repr__(self):
@@ -752,6 +761,8 @@ class _Result:
                   "reason": self.reason, "seconds": self.seconds}
         if self.load:
             fields["load"] = self.load
+        if self.converted:
+            fields["converted"] = list(self.converted)
         if self.terminated:
             fields["terminated"] = True
         return _encode(OP_RESULT, **fields)
@@ -760,7 +771,7 @@ class _Result:
     def decode(cls, message):
         return cls(message.get("id"), message.get("status") == 0, message.get("reason") or "",
                    message.get("seconds"), message.get("load", 0.0),
-                   bool(message.get("terminated")))
+                   message.get("converted") or (), bool(message.get("terminated")))
 
 
 ###############################################################################
@@ -2043,6 +2054,22 @@ class _Project:
         return "note: a sweep from code reads none of the project files; %s in %s %s ignored" % (
             ", ".join(found), _display_path(self.config_dir), "is" if len(found) == 1 else "are")
 
+    def settings_record(self):
+        """{NAME: value} of every setting, as the run's events record it
+        (JSON: lists for tuples, "inf" for an endless SIGTERM_GRACE)."""
+        record = {}
+        for names in SETTINGS.values():
+            for name in names:
+                if name == "NUM_GPUS_PER_WORKER":
+                    value = self.gpus_per_worker if self.workers_per_gpu == 1 else \
+                        "1/%d" % self.workers_per_gpu
+                elif name == "TASK_FOLDER_LOCATION":
+                    value = self.folder_location
+                else:
+                    value = getattr(self, name.lower())
+                record[name] = _json_plain(value)
+        return record
+
     def write_worker_spec(self):
         """task_queue/sweep.json for the workers about to start (or no such
         file, where they need none: one left by an earlier run must not count)."""
@@ -2163,6 +2190,18 @@ class _Project:
                  if name.endswith("_to_value") and callable(getattr(module, name))}
         found.update(self.imported_converters)
         return found
+
+
+def _json_plain(value):
+    """``value`` as JSON holds it: tuples and sets as lists, a float that
+    JSON cannot hold (inf) and any other object as its text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_plain(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def _enter_project(project):
@@ -3133,10 +3172,13 @@ class _RunLock:
             self._fd = None
 
 
-# One line of events.jsonl per attempt that ended, made without the JSON
-# encoder's set-up (a line per task of a million-task sweep; see B5).
-_TASK_EVENT = ('{"event": "task", "run": %s, "id": %s, "status": "%s", "reason": %s, '
-               '"seconds": %s, "load": %s, "attempt": %d, "worker": %s, "time": %.3f}')
+# The lines of events.jsonl made once or more per task, without the JSON
+# encoder's set-up (a million-task sweep makes three million; see B5).
+_HAND_EVENT = '{"event": "hand", "run": %s, "time": %.3f, "id": %s, "worker": %d, "queued": %s}'
+_START_EVENT = ('{"event": "start", "run": %s, "time": %.3f, "id": %s, "worker": %d, '
+                '"attempt": %d}')
+_TASK_EVENT = ('{"event": "task", "run": %s, "time": %.3f, "id": %s, "status": "%s", '
+               '"reason": %s, "seconds": %s, "load": %s, "attempt": %d, "worker": %s%s}')
 
 
 class _Ledger:
@@ -3144,12 +3186,31 @@ class _Ledger:
     events.jsonl, and the counts, progress, ETA and summary that follow.
 
     The result files hold each task's final outcome, as reruns read it.
-    events.jsonl, kept across runs, holds the history: a ``{"event": "run",
-    ...}`` line where each run starts, then one ``{"event": "task", ...}``
-    line per attempt that ended (status "succeeded", "failed",
-    "interrupted", or "retrying" for a failed attempt that runs again),
-    with its seconds, load seconds, attempt number and worker; `results`
-    reads seconds and attempts from it.
+    events.jsonl, kept across runs, holds the history, one JSON object per
+    line, each with "event", "run" (the run's ID) and "time" (Unix time)::
+
+        run     where each run starts: "fresh", "tasks", "skipped", "pid",
+                "host", "version", "schema", "settings" (every setting),
+                "variables" ([{"name", "converter": bool}], top level
+                first), "workers" (starting), "gpus"
+        worker  "worker" (its ID), "state": "start" ("slot", "gpus", "why":
+                start | add | replace (with "replaces") | retry), "ready"
+                ("pid", "host"), "remove" (the console's), "exit" ("cause",
+                "code")
+        hand    a task sent to a worker: "id", "worker", "queued" (behind
+                the one it is running)
+        start   it begins there: "id", "worker", "attempt"
+        task    an attempt's end: "id", "status" (succeeded, failed,
+                interrupted, or retrying: a failure that runs again),
+                "reason", "seconds" (the worker's clock), "load" (seconds
+                of it in converters), "attempt", "worker", "converted"
+                (the levels whose converters ran, when any did)
+        sample  every STATUS_INTERVAL s: "workers": {ID: {"cpu", "rss", "gpu"}}
+        end     the run's end: "succeeded", "failed", "not_run", "retried",
+                "stopped" (why it stopped early, or null)
+
+    `results` reads seconds and attempts from the "task" lines, `report`
+    draws them all.
 
     Lines recorded during a pass of the main loop are appended at its end
     (``write``): whole lines, one write per file (O_APPEND), so a crash
@@ -3166,6 +3227,7 @@ class _Ledger:
         self._unwritten = {}          # result file name -> lines not yet written
         self._failed_attempts = {}    # task ID -> its failed attempts, while it is retried
         self._events = []             # events.jsonl lines not yet written
+        self._timeline = TIMELINE_EVENTS
         self._run = None              # this run's ID as JSON text
         self.succeeded = self.failed = self.skipped = 0
         self.retried = 0              # failed attempts that ran again
@@ -3211,10 +3273,11 @@ class _Ledger:
             raise ThreadwardError("cannot rewrite %s: %s; nothing was run"
                                   % (_display_path(path), exc.strerror or exc))
 
-    def open(self, fresh):
+    def open(self, fresh, header=None):
         """Open the files for appending: failed_tasks.txt starts empty each
         run (its tasks run again), successful_tasks.txt only when ``fresh``,
-        events.jsonl never; it gets this run's "run" line now."""
+        events.jsonl never; it gets this run's "run" line now, with the
+        fields of ``header`` (settings, variables, workers, GPUs)."""
         self.started = time.monotonic()
         for name in RESULT_FILES + (EVENTS_FILE,):
             truncate = name != EVENTS_FILE and (fresh or name == "failed_tasks.txt")
@@ -3231,10 +3294,11 @@ class _Ledger:
         self._run = _json_text(run)
         # "fresh": the result files started empty, so earlier outcomes no
         # longer count (results() reads from the last such line on).
-        _write_all(self._fds[EVENTS_FILE], (_json_text({
-            "event": "run", "run": run, "time": round(now, 3), "fresh": fresh,
-            "tasks": self.total, "skipped": self.skipped, "pid": os.getpid(),
-            "host": os.uname().nodename, "version": __version__}) + "\n").encode())
+        line = {"event": "run", "run": run, "time": round(now, 3), "fresh": fresh,
+                "tasks": self.total, "skipped": self.skipped, "pid": os.getpid(),
+                "host": os.uname().nodename, "version": __version__, "schema": EVENTS_SCHEMA}
+        line.update(header or {})
+        _write_all(self._fds[EVENTS_FILE], (_json_text(line) + "\n").encode())
 
     @staticmethod
     def _drop_torn_line(fd):
@@ -3255,7 +3319,8 @@ class _Ledger:
             os.close(fd)
         self._fds.clear()
 
-    def record(self, task_id, success, reason, seconds, load=0.0, attempt=1, worker=None):
+    def record(self, task_id, success, reason, seconds, load=0.0, attempt=1, worker=None,
+               converted=()):
         """Count a task's final outcome (after ``attempt`` attempts, the last
         on worker ``worker``); its lines are written at the next ``write``.
         Returns the one-line reason recorded for a failure."""
@@ -3272,7 +3337,7 @@ class _Ledger:
             self._unwritten.setdefault("failed_tasks.txt", []).append(
                 "%s\t%s" % (task_id, reason))
             status = "interrupted" if reason == Worker.INTERRUPTED else "failed"
-        self._event(task_id, status, reason, seconds, load, attempt, worker)
+        self._event(task_id, status, reason, seconds, load, attempt, worker, converted)
         self._estimate_finish()
         return reason
 
@@ -3280,20 +3345,49 @@ class _Ledger:
         """The number of the attempt of ``task_id`` that has just ended."""
         return self._failed_attempts.get(task_id, 0) + 1
 
-    def retry(self, task_id, reason, seconds, load, attempt, worker):
+    def retry(self, task_id, reason, seconds, load, attempt, worker, converted=()):
         """A failed attempt whose task runs again: an event only (the result
         files get the final outcome).  Returns the one-line reason."""
         self.retried += 1
         self._failed_attempts[task_id] = attempt
         reason = _one_line(reason) or "failed"
-        self._event(task_id, "retrying", reason, seconds, load, attempt, worker)
+        self._event(task_id, "retrying", reason, seconds, load, attempt, worker, converted)
         return reason
 
-    def _event(self, task_id, status, reason, seconds, load, attempt, worker):
+    def _event(self, task_id, status, reason, seconds, load, attempt, worker, converted):
         self._events.append(_TASK_EVENT % (
-            self._run, _json_text(task_id), status, _json_text(reason),
+            self._run, time.time(), _json_text(task_id), status, _json_text(reason),
             "null" if seconds is None else "%.6f" % seconds, "%.6f" % load if load else "0",
-            attempt, "null" if worker is None else worker, time.time()))
+            attempt, "null" if worker is None else worker,
+            ', "converted": %s' % _json_text(list(converted)) if converted else ""))
+
+    # -- the timeline's events ----------------------------------------------
+
+    def note(self, kind, **fields):
+        """A timeline event (worker, sample) of ``fields``; written with the
+        pass's other lines."""
+        if self._timeline:
+            self._events.append('{"event": "%s", "run": %s, "time": %.3f%s' % (
+                kind, self._run, time.time(), ", " + _json_text(fields)[1:] if fields else "}"))
+
+    def handed(self, task, worker, queued):
+        if self._timeline:
+            self._events.append(_HAND_EVENT % (self._run, time.time(), _json_text(task.task_id),
+                                               worker, "true" if queued else "false"))
+
+    def began(self, task, worker):
+        if self._timeline:
+            self._events.append(_START_EVENT % (
+                self._run, time.time(), _json_text(task.task_id), worker,
+                self.attempt_of(task.task_id)))
+
+    def finish(self, not_run, stopped):
+        """The run's "end" line, written now with what is left; the error, or None."""
+        self._events.append('{"event": "end", "run": %s, "time": %.3f, %s' % (
+            self._run, time.time(), _json_text({
+                "succeeded": self.succeeded, "failed": self.failed, "not_run": not_run,
+                "retried": self.retried, "stopped": stopped})[1:]))
+        return self.write()
 
     def write(self):
         """Append the lines recorded since the last write, the events first;
@@ -3306,7 +3400,7 @@ class _Ledger:
             except OSError as exc:
                 # The result lines are not written either: their tasks run again.
                 return "cannot record %s in %s (%s)" % (
-                    _plural(len(events), "task end"), EVENTS_FILE, exc)
+                    _plural(len(events), "event"), EVENTS_FILE, exc)
         errors = []
         for name, lines in unwritten.items():   # each file, whatever the other's fate
             try:
@@ -3661,7 +3755,7 @@ class Worker:
     TIMEOUT, INTERRUPTED, OUTSIDE = "timeout", "interrupted", "a SIGTERM from outside"
     KILL = "kill"   # the other deadline action: SIGKILL what is left
 
-    def __init__(self, worker_id, slot, place, task_timeout=None):
+    def __init__(self, worker_id, slot, place, task_timeout=None, on_begin=None):
         self.worker_id = worker_id
         self.slot = slot              # index of its _Slot; a replacement reuses it
         self.host = place.host        # None: this machine
@@ -3683,6 +3777,7 @@ class Worker:
         self.returncode = None
         self.deadline = None          # (monotonic time, TIMEOUT or KILL, task)
         self.stats = {}               # monitoring: current and max figures
+        self._on_begin = on_begin     # called with (worker, task) as each task begins
         self._buffer = _LineBuffer()
         self._stderr_buffer = _LineBuffer()
 
@@ -3726,6 +3821,8 @@ class Worker:
         self.deadline = None
         if self.task_timeout:
             self.deadline = (task.started + self.task_timeout, self.TIMEOUT, task)
+        if self._on_begin is not None:
+            self._on_begin(self, task)
 
     def answered(self):
         """The running task has its result: the next queued one starts, or
@@ -4383,7 +4480,8 @@ class Threadward:
         if note:
             self.say(note)
         project.write_worker_spec()
-        ledger.open(self.fresh and not (self._selection and self._selection.only))
+        ledger.open(self.fresh and not (self._selection and self._selection.only),
+                    self._run_header())
         covered = self._selection.matched if self._selection else ledger.skipped + ledger.total
         self.say("%s%s on %s%s; task output in %s" % (
             "%d of %d tasks already succeeded; running " % (
@@ -4424,6 +4522,10 @@ class Threadward:
             self._monitor.close()
             self._write_status("finished")
             self._selector.close()
+            not_run = len(self.scheduler)
+            error = ledger.finish(not_run, self._stopping if self._stopping and not_run else None)
+            if error:
+                self.say(error)
             ledger.close()
         return self._print_summary()
 
@@ -4435,6 +4537,18 @@ class Threadward:
         slots, starting, self._gpu_uuids = self._launcher.plan_slots()
         self._places = _Places(slots, starting)
         self._launcher.plan_cpus(starting)
+
+    def _run_header(self):
+        """What the run's first event says of it, beside the counts."""
+        project = self.project
+        converters = set(project.converters()) | set(project.variable_set.converters())
+        gpus = []
+        for place in self._places.in_use():
+            gpus.extend(gpu for gpu in place.gpus if gpu not in gpus)
+        return {"settings": project.settings_record(),
+                "variables": [{"name": variable.name, "converter": variable.name in converters}
+                              for variable in project.variable_set.variables],
+                "workers": self._places.starting, "gpus": gpus}
 
     def _cap_workers(self):
         for line in self._places.cap(self._ledger.total, self.project, self._launcher):
@@ -4520,7 +4634,7 @@ class Threadward:
             if self._stopping or not len(self.scheduler):
                 self._places.give_back(slot)
             else:
-                self._start_worker(slot)
+                self._start_worker(slot, "retry")
         if self._stop_deadline and now >= self._stop_deadline:
             self._stop_deadline = None
             self.say("grace period over; ending running tasks")
@@ -4545,7 +4659,9 @@ class Threadward:
     def _sample(self):
         workers = self._watched_workers()
         self._monitor.sample(workers)
-
+        self._ledger.note("sample", workers={
+            str(worker.worker_id): {name: worker.stats.get(name) for name in ("cpu", "rss", "gpu")}
+            for worker in self._workers.values() if worker.stats})
         if any(w.gpus for w in workers):
             self._monitor.start_gpu_query(self._watched_workers)
         self._write_status("running")
@@ -4561,10 +4677,16 @@ class Threadward:
         for _ in range(self._places.starting):
             self._start_worker(self._places.take())
 
-    def _start_worker(self, slot):
-        worker = Worker(self._places.new_worker_id(), slot, self._places.slots[slot],
-                        self.project.task_timeout)
+    def _start_worker(self, slot, why="start", replaces=None):
+        """A worker in ``slot``; ``why`` (start, add, replace, retry) and the
+        worker it ``replaces`` are for the record.  None if it could not start."""
+        place = self._places.slots[slot]
+        worker = Worker(self._places.new_worker_id(), slot, place, self.project.task_timeout,
+                        on_begin=self._on_begin)
+        self._ledger.note("worker", worker=worker.worker_id, state="start", slot=slot,
+                          gpus=list(place.gpus), why=why, replaces=replaces)
         if not worker.launch(self._launcher, self.project):
+            self._note_exit(worker, "could not start: %s" % worker.fatal)
             self._on_start_failure(worker, "it could not be started")
             return None
         self._workers[worker.worker_id] = worker
@@ -4605,6 +4727,15 @@ class Threadward:
     def _on_ready(self, worker, message):
         worker.ready(message, placed_elsewhere=self._launcher.indirect)
         self._places.started(worker.slot)
+        self._ledger.note("worker", worker=worker.worker_id, state="ready",
+                          pid=worker.remote_pid or worker.pid, host=worker.host)
+
+    def _on_begin(self, worker, task):
+        self._ledger.began(task, worker.worker_id)
+
+    def _note_exit(self, worker, cause):
+        self._ledger.note("worker", worker=worker.worker_id, state="exit", cause=cause,
+                          code=worker.returncode)
 
     def _on_stats(self, worker, message):
         for name in ("cpu", "rss", "gpu"):
@@ -4632,7 +4763,8 @@ class Threadward:
         reason = result.reason
         if not result.succeeded and (ours or result.terminated):
             reason = worker.end_cause if ours else Worker.INTERRUPTED
-        self._record(task, result.succeeded, reason, result.seconds, result.load, worker)
+        self._record(task, result.succeeded, reason, result.seconds, result.load, worker,
+                     result.converted)
 
     def _on_cancelled(self, worker, message):
         task = worker.cancelled(message.get("id"))
@@ -4664,6 +4796,7 @@ class Threadward:
             return
         previous = worker.exited()
         del self._workers[worker.worker_id]
+        self._note_exit(worker, self._exit_cause(worker, previous))
         if worker.returncode != 0 and self._launcher.kind == "local":
             # It died: what its tasks started came to us.
             self._orphans.end(self._own_children | self._monitor.pids() | {
@@ -4688,6 +4821,17 @@ class Threadward:
             return
         self._replace_worker(worker, reason)
 
+    @staticmethod
+    def _exit_cause(worker, previous):
+        """Why a worker ended, for the record: "shut down" when asked to."""
+        if previous == Worker.STARTING:
+            return "could not start: %s" % (worker.fatal or worker.exit_reason())
+        if worker.ended_by_us:
+            return worker.end_cause
+        if worker.returncode == 0:
+            return "shut down"
+        return worker.exit_reason()
+
     def _on_start_failure(self, worker, reason):
         detail = worker.fatal or "\n".join(worker.stderr_tail) or \
             "%s before it was ready" % reason
@@ -4705,7 +4849,7 @@ class Threadward:
         if self._stopping or not len(self.scheduler):
             self._places.give_back(worker.slot)
             return
-        replacement = self._start_worker(worker.slot)
+        replacement = self._start_worker(worker.slot, "replace", worker.worker_id)
         if replacement is not None:
             self.say("%s; started worker %d in its place" % (reason, replacement.worker_id))
 
@@ -4735,19 +4879,20 @@ class Threadward:
         for worker_id, indices in self.scheduler.hand_out(free, holding):
             worker = self._workers[worker_id]
             if indices is not None:
-                worker.hand(*self._task_line(indices))
+                self._hand(worker, indices)
             elif not len(self.scheduler) and not self._take_back_queued():
                 worker.shut_down()   # nothing left, here or queued elsewhere
         for worker in workers:
             if worker.state == Worker.BUSY and self._queues_ahead(worker):
                 indices = self.scheduler.assign(worker.worker_id, ahead=True)
                 if indices is not None:
-                    worker.hand(*self._task_line(indices))
+                    self._hand(worker, indices)
 
-    def _task_line(self, indices):
+    def _hand(self, worker, indices):
         task = _task_of(self.project, indices)
-        variable_set = self.project.variable_set
-        return task, _encode_task(task, variable_set.texts(indices, TASK_VARIABLE))
+        self._ledger.handed(task, worker.worker_id, queued=bool(worker.queue))
+        worker.hand(task, _encode_task(task, self.project.variable_set.texts(
+            indices, TASK_VARIABLE)))
 
     def _queues_ahead(self, worker):
         # STOP_EXECUTION: a task queued ahead would start before the failure
@@ -4781,6 +4926,7 @@ class Threadward:
         """Last resort on the way out (an exception, or workers still alive)."""
         for worker in list(self._workers.values()):
             worker.kill_now()
+            self._note_exit(worker, "killed at the run's end")
             self._put_back(worker, worker.take_back())
             if worker.queue:
                 self._record(worker.queue.popleft(), False, Worker.INTERRUPTED, worker=worker)
@@ -4788,7 +4934,8 @@ class Threadward:
 
     # -- results ------------------------------------------------------------
 
-    def _record(self, task, success, reason, seconds=None, load=0.0, worker=None):
+    def _record(self, task, success, reason, seconds=None, load=0.0, worker=None,
+                converted=()):
         """The end of an attempt of ``task`` (on ``worker``): a failure with
         RETRIES left runs again, anything else is its outcome."""
         if seconds is None and task.started is not None:
@@ -4796,10 +4943,10 @@ class Threadward:
         worker_id = None if worker is None else worker.worker_id
         attempt = self._ledger.attempt_of(task.task_id)
         if not success and self._retries_it(reason, attempt):
-            self._retry(task, reason, seconds, load, attempt, worker_id)
+            self._retry(task, reason, seconds, load, attempt, worker_id, converted)
             return
         reason = self._ledger.record(task.task_id, success, reason, seconds, load, attempt,
-                                     worker_id)
+                                     worker_id, converted)
         if not success:
             handling = self.project.failure_handling
             if handling != "SILENT_CONTINUE":
@@ -4822,8 +4969,9 @@ class Threadward:
         return (attempt <= self.project.retries and reason != Worker.INTERRUPTED
                 and not self._stopping)
 
-    def _retry(self, task, reason, seconds, load, attempt, worker_id):
-        reason = self._ledger.retry(task.task_id, reason, seconds, load, attempt, worker_id)
+    def _retry(self, task, reason, seconds, load, attempt, worker_id, converted):
+        reason = self._ledger.retry(task.task_id, reason, seconds, load, attempt, worker_id,
+                                    converted)
         if self.project.failure_handling != "SILENT_CONTINUE":
             self.say("retrying %s (attempt %d of %d): %s" % (
                 task.task_id, attempt + 1, self.project.retries + 1, reason))
@@ -4909,7 +5057,7 @@ class Threadward:
                                   "held by a worker); remove a worker or widen INCLUDE_GPUS")
         if not self._places.free:   # nothing to reserve: one more like the first
             self._places.add_like_the_first()
-        return self._start_worker(self._places.take())
+        return self._start_worker(self._places.take(), "add")
 
     def remove_worker(self, worker_id):
         """Worker ``worker_id`` takes no new task and shuts down after its
@@ -4921,6 +5069,7 @@ class Threadward:
                 ", ".join(str(i) for i in self._workers) or "none"))
         worker.retiring = True
         worker.cancel_queued(with_running=True)
+        self._ledger.note("worker", worker=worker_id, state="remove")
         return worker
 
     # -- reporting ----------------------------------------------------------
@@ -5067,6 +5216,7 @@ class _WorkerProcess:
         self._forked = False          # True in a process a task forked
         self.retained = {}            # variable name -> (value, nickname, converted)
         self.load_seconds = 0.0       # spent converting changed values for this task
+        self.converted = ()           # the levels whose converters ran for this task
         self._hooks = {}              # hook name -> the user's function, or None
         self._libc = None
         self._streams = None          # our sys.stdin, sys.stdout, sys.stderr
@@ -5395,6 +5545,7 @@ class _WorkerProcess:
     def run_task(self, message):
         started = time.monotonic()
         self.load_seconds = 0.0
+        self.converted = ()
         folder, log_file = message["folder"], message["log"]
         mode = self.project.output_mode
         try:
@@ -5434,7 +5585,7 @@ class _WorkerProcess:
 
     def _result(self, message, success, reason, started):
         return _Result(message["id"], success, reason, time.monotonic() - started,
-                       self.load_seconds)
+                       self.load_seconds, self.converted)
 
     def _run_hooks(self, variable_list, folder, log_file):
         """before_each_task, task_method, after_each_task, verify_task_success,
@@ -5481,27 +5632,30 @@ class _WorkerProcess:
     def _convert(self, variable_list):
         """{name: value} for a task; converters run only for changed values,
         and a changed value's old object is released before the new one is made."""
-        changed = [(name, value, nickname) for name, value, nickname in variable_list
+        changed = [(level, name, value, nickname)
+                   for level, (name, value, nickname) in enumerate(variable_list)
                    if not self._holds(name, value, nickname)]
         began = time.monotonic()
-        released = [name for name, _, _ in changed
+        released = [name for _, name, _, _ in changed
                     if self.retained.pop(name, None) is not None and name in self.converters]
+        converted_levels = self.converted = []   # a converter's call that raises counts too
         try:
             if released:
                 gc.collect()   # free the old model before the converter loads the new one
                 for name in released:
                     self.children.drop_value(name)
                 self.children.end_strays()   # workers of pools the dropped objects held
-            for name, value, nickname in changed:
+            for level, name, value, nickname in changed:
                 converter = self.converters.get(name)
                 converted = value
                 if converter is not None:
+                    converted_levels.append(level)
                     before = _child_pids()
                     converted = converter(str(value), nickname)
                     self.children.started_by(name, before)
                 self.retained[name] = (value, nickname, converted)
         finally:
-            if released or any(name in self.converters for name, _, _ in changed):
+            if released or converted_levels:
                 self.load_seconds = time.monotonic() - began   # the scheduler weighs moves by it
         return {name: self.retained[name][2] for name, _, _ in variable_list}
 

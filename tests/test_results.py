@@ -292,8 +292,8 @@ def test_events_record_each_run_and_task_end(project):
     assert sorted((e["id"], e["status"]) for e in first) == [
         ("0", "failed"), ("1", "succeeded"), ("2", "succeeded")]
     for event in first:
-        assert list(event) == ["event", "run", "id", "status", "reason", "seconds", "load",
-                               "attempt", "worker", "time"]
+        assert list(event) == ["event", "run", "time", "id", "status", "reason", "seconds",
+                               "load", "attempt", "worker"]
         assert event["attempt"] == 1 and event["worker"] in (0, 1) and event["seconds"] >= 0
     assert [e["reason"] for e in first if e["id"] == "0"] == ["ValueError: attempt 1"]
 
