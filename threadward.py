@@ -3199,7 +3199,10 @@ class _Ledger:
                 "code")
         hand    a task sent to a worker: "id", "worker", "queued" (behind
                 the one it is running)
-        start   it begins there: "id", "worker", "attempt"
+        start   it begins there: "id", "worker", "attempt" (as this process
+                sees it: when it was sent, or the answer before it came)
+        back    it came back unstarted (a cancel, its worker gone) and runs
+                later: a "start" noted for it since its "hand" did not happen
         task    an attempt's end: "id", "status" (succeeded, failed,
                 interrupted, or retrying: a failure that runs again),
                 "reason", "seconds" (the worker's clock), "load" (seconds
@@ -4755,6 +4758,7 @@ class Threadward:
         if not result.succeeded and ours and worker.overdue not in (None, task):
             # The task that timed out ended just before our SIGTERM, which
             # reached the next one: that one runs again.
+            self._ledger.note("back", id=task.task_id, worker=worker.worker_id)
             self.scheduler.put_back(worker.worker_id, task.indices, started=True)
             return
         # The scheduler learns from tasks that ran to their end.
@@ -4769,7 +4773,7 @@ class Threadward:
     def _on_cancelled(self, worker, message):
         task = worker.cancelled(message.get("id"))
         if task is not None:
-            self.scheduler.put_back(worker.worker_id, task.indices)
+            self._put_back(worker, [task])
 
     def _on_terminated(self, worker, message):
         """A SIGTERM between tasks: it exits, starting nothing."""
@@ -4918,8 +4922,10 @@ class Threadward:
         return waiting
 
     def _put_back(self, worker, tasks):
-        """Tasks ``worker`` never started return to the scheduler (newest first)."""
+        """Tasks ``worker`` never started return to the scheduler (newest first);
+        the record says so (a "start" noted for one of them did not happen)."""
         for task in tasks:
+            self._ledger.note("back", id=task.task_id, worker=worker.worker_id)
             self.scheduler.put_back(worker.worker_id, task.indices)
 
     def _stop_all_workers(self):

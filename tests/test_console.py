@@ -222,6 +222,12 @@ def worker(project, worker_id):
     return json.loads(text)
 
 
+def worker_events(project):
+    """The "worker" lines of events.jsonl, in order."""
+    with open(os.path.join(project.queue, "events.jsonl")) as stream:
+        return [event for event in map(json.loads, stream) if event["event"] == "worker"]
+
+
 def workers_that_ran(project):
     """{task ID: worker id} from the worker.txt every task wrote."""
     ran = {}
@@ -398,6 +404,8 @@ def test_add_starts_a_worker_that_runs_tasks(project, gated):
     assert console.finish() == 0, console.transcript()
     assert len(project.successful()) == 5
     assert set(workers_that_ran(project).values()) == {0, 1}
+    starts = [(e["worker"], e["why"]) for e in worker_events(project) if e["state"] == "start"]
+    assert starts == [(0, "start"), (1, "add")]
 
 
 @needs_gputil
@@ -450,6 +458,11 @@ def test_remove_runs_after_each_worker_and_the_worker_takes_no_further_task(proj
     ran = workers_that_ran(project)
     assert [task for task, w in ran.items() if w == 1] == [str(task_of_1)]
     assert state(project, "worker_0_finished") is not None
+    record = worker_events(project)
+    assert [e["state"] for e in record if e["worker"] == 1] == ["start", "ready", "remove",
+                                                                "exit"]
+    assert {e["worker"]: (e["cause"], e["code"]) for e in record if e["state"] == "exit"} == \
+        {0: ("shut down", 0), 1: ("shut down", 0)}
 
 
 @needs_gputil
