@@ -9,6 +9,7 @@ Usage::
     threadward run --only model=gpt2 --limit 1 [DIR]   # a part of the sweep first
     threadward status [DIR]    # what a running sweep is doing (from its status file)
     threadward results [DIR]   # one row per task: status, seconds, variables, result.json
+    threadward report [DIR]    # threadward/report.html: timeline, loads, resources, failures
 
 (`python -m threadward ...` and `python threadward.py ...` work the same.)
 
@@ -81,7 +82,7 @@ in); it needs only ``psutil`` and, for GPUs, ``GPUtil``.
 __version__ = "0.1.0"
 __license__ = "MIT"
 __all__ = ["VariableSet", "Task", "Worker", "Threadward", "ThreadwardError",
-           "ConfigError", "results", "main"]
+           "ConfigError", "results", "report", "main"]
 
 
 ###############################################################################
@@ -3739,6 +3740,737 @@ def _write_table(rows, columns, form, out):
 
 
 ###############################################################################
+# Report ######################################################################
+###############################################################################
+#
+# threadward.report(DIR) and `threadward report`: one HTML page of the
+# project's last run, drawn from events.jsonl alone (and all_tasks.json
+# where task IDs do not spell out the variables; the project's files are not
+# imported), written at the end of every run, and on demand, during a run
+# too (from the events so far).
+#
+#   events.jsonl --_RunStory.read--> header, end, workers' lanes, samples,
+#                                    and each attempt, tallied as it is read
+#   _RunStory --_ReportPage--> header, timeline, loads, time by value,
+#                              resources, failures --> report.html (whole)
+#
+# The page is self-contained (inline CSS and SVG; no script, font or
+# request): hovering a shape shows its SVG <title>.  Its size, and the
+# memory to make it, are bounded by the drawing, not the sweep: the time
+# axis is known before the attempts are read (the run's end line, or now),
+# so an attempt narrower than REPORT_MIN_BAR px is counted in its worker's
+# bin of that width as it is read instead of kept; a resource line has a
+# point per pixel column; a table shows REPORT_ROWS rows.
+
+REPORT_FILE = "report.html"
+REPORT_WIDTH = 1100   # px of the time axis
+REPORT_LANE = 22      # px of a worker's lane
+REPORT_MIN_BAR = 2    # px: an attempt narrower than this is drawn in its bin
+REPORT_ROWS = 200     # rows of a table at most; the rest are counted
+REPORT_VALUES = 30    # values of a variable in "time by value" at most
+# Top-level values' colours, in order of appearance (then again); red is for failures.
+REPORT_PALETTE = ("#4e79a7", "#59a14f", "#edc948", "#b07aa1", "#76b7b2", "#9c755f",
+                  "#f28e2b", "#bab0ac", "#a0cbe8", "#8cd17d", "#d4a6c8", "#86bcb6")
+REPORT_FAILED = "#d62728"
+# Lines a finished run's page does not need (a running one's needs "start"
+# and "back": they tell what runs now); the record's own format, checked
+# by tests/test_report.py.
+_HAND_LINE, _START_LINE, _BACK_LINE = (b'{"event": "hand"', b'{"event": "start"',
+                                       b'{"event": "back"')
+_json_scan = json.JSONDecoder().scan_once
+
+
+class _Attempt:
+    """One attempt of a task on a worker, begun and, unless it still runs, ended."""
+
+    __slots__ = ("task_id", "worker", "begin", "end", "seconds", "load", "status",
+                 "reason", "attempt", "converted")
+
+    def __init__(self, task_id, worker, begin, attempt=1):
+        self.task_id, self.worker, self.begin, self.attempt = task_id, worker, begin, attempt
+        self.end = self.seconds = None
+        self.load, self.status, self.reason, self.converted = 0.0, "running", "", ()
+
+    @property
+    def failed(self):
+        return self.status not in ("succeeded", "running")
+
+
+class _Lane:
+    """A worker's life in the run, from its "worker" events, and what it ran."""
+
+    __slots__ = ("worker", "slot", "gpus", "why", "replaces", "started", "ready", "pid",
+                 "host", "removed", "exited", "cause", "code", "tasks", "busy")
+
+    def __init__(self, event):
+        self.worker, self.started = event.get("worker"), event.get("time")
+        self.slot, self.gpus = event.get("slot"), event.get("gpus") or []
+        self.why, self.replaces = event.get("why") or "start", event.get("replaces")
+        self.ready = self.pid = self.host = self.removed = self.exited = None
+        self.cause = self.code = None
+        self.tasks, self.busy = 0, 0.0
+
+
+class _Bin:
+    """The attempts too short to draw in REPORT_MIN_BAR px of a lane."""
+
+    __slots__ = ("count", "busy", "failed", "colours")
+
+    def __init__(self):
+        self.count, self.busy, self.failed = 0, 0.0, 0
+        self.colours = collections.Counter()   # colour -> seconds
+
+
+class _ValueStat:
+    """Attempts, seconds, load seconds and failures of one variable value."""
+
+    __slots__ = ("count", "seconds", "load", "failed")
+
+    def __init__(self):
+        self.count, self.seconds, self.load, self.failed = 0, 0.0, 0.0, 0
+
+
+class _RunStory:
+    """What events.jsonl says of the project's last run, tallied for the page."""
+
+    def __init__(self, project, run, end, state, until):
+        self.project = project
+        self.run, self.end, self.state = run, end, state
+        self.t0, self.t1 = run["time"], max(until, run["time"] + 1e-3)
+        self.scale = REPORT_WIDTH / (self.t1 - self.t0)
+        declared = run.get("variables") or []
+        self.names = [variable["name"] for variable in declared]
+        self.converter_levels = [level for level, variable in enumerate(declared)
+                                 if variable.get("converter")]
+        self._nicknames = None   # task ID -> nicknames, where IDs do not spell them
+        if (run.get("settings") or {}).get("TASK_FOLDER_LOCATION") == "VARIABLE_UNDERSCORE":
+            self._nicknames = self._read_nicknames()
+        self.lanes = {}          # worker ID -> _Lane
+        self.samples = []        # (time, {worker ID: {"cpu", "rss", "gpu"}})
+        self.bars = []           # _Attempt drawn one by one
+        self.bins = {}           # (worker, bin number) -> _Bin
+        self.colours = collections.OrderedDict()   # top-level value -> colour
+        self.outcomes = collections.Counter()      # status of each ended attempt
+        self.by_value = [collections.OrderedDict() for _ in self.names]
+        self.prefixes = {level: set() for level in self.converter_levels}
+        self.calls = collections.Counter()         # level -> converter calls
+        self.seconds = self.load = 0.0
+        self.failures = collections.OrderedDict()  # task ID -> its attempts from a failure
+        self.failures_left_out = 0                 # failed attempts of tasks not listed
+        self._running = {}                         # task ID -> its _Attempt not yet ended
+
+    # -- reading ------------------------------------------------------------
+
+    @classmethod
+    def read(cls, project):
+        """The story of the last run (None if the record has none)."""
+        path = os.path.join(project.queue_dir, EVENTS_FILE)
+        try:
+            stream = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        with stream:
+            start = offset = 0
+            last = b""
+            for line in stream:   # bytes only: where the last run begins, its last line
+                if line.startswith(b'{"event": "run"'):
+                    start = offset
+                offset += len(line)
+                if line.endswith(b"\n"):
+                    last = line
+            stream.seek(start)
+            first = stream.readline()
+            if not first.startswith(b'{"event": "run"') or not first.endswith(b"\n"):
+                return None
+            story = cls._begin(project, _json_decode(first.decode("utf-8")), last,
+                               os.fstat(stream.fileno()).st_mtime)
+            story._read_events(stream)
+        return story
+
+    @classmethod
+    def _begin(cls, project, run, last, modified):
+        """The story of ``run``, its time axis set: to its end line (the
+        record's ``last``), to now while it runs, to the record's last
+        write if its main process is gone without one."""
+        end = None
+        if last.startswith(b'{"event": "end"'):
+            end = _json_decode(last.decode("utf-8"))
+            if end.get("run") != run.get("run"):
+                end = None
+        if end is not None:
+            return cls(project, run, end, "stopped" if end.get("stopped") else "finished",
+                       end["time"])
+        if run.get("host") == os.uname().nodename and not _pid_alive(run.get("pid")):
+            return cls(project, run, None, "gone", modified)
+        return cls(project, run, None, "running", time.time())
+
+    def _read_events(self, stream):
+        finished = self.end is not None
+        for line in stream:
+            if not line.endswith(b"\n"):
+                break   # torn: its writer is mid-line, or died there
+            if line.startswith(_HAND_LINE) or finished and line.startswith(
+                    (_START_LINE, _BACK_LINE)):
+                continue
+            try:
+                self._take(_json_scan(line.decode("utf-8"), 0)[0])
+            except (ValueError, AttributeError, TypeError, KeyError, IndexError,
+                    StopIteration):
+                continue   # not an event of this schema
+        for attempt in self._running.values():   # still running: drawn to now
+            self._tally(attempt)
+
+    def _take(self, event):
+        kind = event["event"]
+        if kind == "task":
+            self._ended(event)
+        elif kind == "start":
+            self._running[event["id"]] = _Attempt(event["id"], event["worker"],
+                                                  event["time"], event.get("attempt", 1))
+        elif kind == "back":
+            self._running.pop(event["id"], None)
+        elif kind == "worker":
+            self._worker(event)
+        elif kind == "sample":
+            self.samples.append((event["time"], event["workers"]))
+
+    def _ended(self, event):
+        task_id, seconds, now = event["id"], event.get("seconds"), event["time"]
+        running = self._running.pop(task_id, None)
+        # The worker's own clock says how long it ran; "start" is when this
+        # process sent it (or read the answer before it).
+        begin = now - seconds if seconds is not None else \
+            running.begin if running is not None else now
+        attempt = _Attempt(task_id, event.get("worker"), begin, event.get("attempt", 1))
+        attempt.end, attempt.seconds = now, seconds
+        attempt.load, attempt.status = event.get("load") or 0.0, event["status"]
+        attempt.reason, attempt.converted = event.get("reason") or "", event.get("converted", ())
+        self._tally(attempt)
+
+    def _worker(self, event):
+        state = event["state"]
+        if state == "start":
+            self.lanes.setdefault(event["worker"], _Lane(event))
+            return
+        lane = self._lane(event["worker"])
+        if state == "ready":
+            lane.ready, lane.pid, lane.host = event["time"], event.get("pid"), event.get("host")
+        elif state == "remove":
+            lane.removed = event["time"]
+        elif state == "exit":
+            lane.exited, lane.cause, lane.code = event["time"], event.get("cause"), \
+                event.get("code")
+
+    def _lane(self, worker):
+        """The lane of ``worker`` (one the record's start line missed begins with the run)."""
+        lane = self.lanes.get(worker)
+        if lane is None:
+            lane = self.lanes[worker] = _Lane({"worker": worker, "time": self.t0})
+        return lane
+
+    # -- tallying -----------------------------------------------------------
+
+    def nicknames(self, task_id):
+        """The task's values, by the folder names its ID is made of."""
+        if self._nicknames is not None:
+            return self._nicknames.get(task_id, ())
+        parts = task_id.split("/")
+        return parts if len(parts) == len(self.names) else ()
+
+    def folder(self, task_id):
+        return os.path.join(self.project.output_dir, task_id)
+
+    def _read_nicknames(self):
+        """{task ID: nicknames} from all_tasks.json (one task per line)."""
+        found = {}
+        try:
+            stream = open(os.path.join(self.project.queue_dir, "all_tasks.json"), "rb")
+        except FileNotFoundError:
+            return found
+        with stream:
+            for line in stream:
+                if line.startswith(b"{"):   # not "[" or "]"
+                    try:
+                        entry = _json_scan(line.decode("utf-8"), 0)[0]
+                        found[entry["task_id"]] = [declared.get("nickname") for declared
+                                                   in entry["variables"].values()]
+                    except (ValueError, KeyError, AttributeError, StopIteration):
+                        continue
+        return found
+
+    def colour(self, values):
+        """The colour of a top-level value (given one in order of appearance)."""
+        if not values:
+            return "#999"
+        colour = self.colours.get(values[0])
+        if colour is None:
+            colour = self.colours[values[0]] = REPORT_PALETTE[
+                len(self.colours) % len(REPORT_PALETTE)]
+        return colour
+
+    def _tally(self, attempt):
+        values = self.nicknames(attempt.task_id)
+        failed = attempt.failed
+        end = attempt.end if attempt.end is not None else self.t1
+        seconds = end - attempt.begin
+        if attempt.worker is not None:
+            lane = self._lane(attempt.worker)
+            lane.tasks += 1
+            lane.busy += seconds
+            if seconds * self.scale >= REPORT_MIN_BAR or attempt.end is None:
+                self.bars.append(attempt)
+            else:
+                key = attempt.worker, int((attempt.begin - self.t0) * self.scale
+                                          // REPORT_MIN_BAR)
+                block = self.bins.get(key)
+                if block is None:
+                    block = self.bins[key] = _Bin()
+                block.count += 1
+                block.busy += seconds
+                block.failed += failed
+                block.colours[REPORT_FAILED if failed else self.colour(values)] += seconds
+        if attempt.end is None:
+            self.outcomes["running"] += 1
+            return
+        self.outcomes[attempt.status] += 1
+        seconds = attempt.seconds or 0.0
+        self.seconds += seconds
+        self.load += attempt.load
+        for level in attempt.converted:
+            self.calls[level] += 1
+        for level, prefix in self.prefixes.items():
+            if len(values) > level:
+                prefix.add(tuple(values[:level + 1]))
+        for stats, value in zip(self.by_value, values):
+            stat = stats.get(value)
+            if stat is None:
+                stat = stats[value] = _ValueStat()
+            stat.count += 1
+            stat.seconds += seconds
+            stat.load += attempt.load
+            stat.failed += failed
+        if failed or attempt.task_id in self.failures:
+            self._tally_failure(attempt)
+
+    def _tally_failure(self, attempt):
+        attempts = self.failures.get(attempt.task_id)
+        if attempts is not None:
+            attempts.append(attempt)
+        else:
+            if len(self.failures) < REPORT_ROWS:
+                self.failures[attempt.task_id] = [attempt]
+            else:
+                self.failures_left_out += 1
+
+    def workers_that_ran(self):
+        return sum(1 for lane in self.lanes.values() if lane.tasks)
+
+
+def report(directory=".", path=None):
+    """Write the HTML report of the last run of the project in ``directory``
+    to ``path`` (default: threadward/report.html) and return its path.
+    Reads only files, and works while a run goes on."""
+    project = _Project(directory)
+    if not os.path.isdir(project.config_dir):
+        raise ThreadwardError("%s has no threadward/ folder; give the project directory (the "
+                              "one holding threadward/)" % _display_path(project.directory))
+    story = _RunStory.read(project)
+    if story is None:
+        raise ThreadwardError("%s records no run yet; `threadward run` first" % _display_path(
+            os.path.join(project.queue_dir, EVENTS_FILE)))
+    path = os.path.abspath(path or project.path(REPORT_FILE))
+    try:
+        _atomic_write(path, _ReportPage(story, os.path.dirname(path)).html())
+    except OSError as exc:
+        raise ThreadwardError("cannot write %s: %s" % (_display_path(path),
+                                                       exc.strerror or exc))
+    return path
+
+
+def _seconds_text(seconds):
+    if seconds is None:
+        return "?"
+    if seconds < 60:
+        return "%.3g s" % seconds if seconds < 10 else "%.1f s" % seconds
+    return _format_duration(seconds)
+
+
+def _nice_step(span, count):
+    """A round step (1, 2 or 5 x 10^n) that cuts ``span`` into about ``count``."""
+    raw = span / max(count, 1)
+    power = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    return next(step * power for step in (1, 2, 5, 10) if step * power >= raw)
+
+
+class _ReportPage:
+    """The HTML of a _RunStory: each section a method returning its markup."""
+
+    STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1240px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;
+border-bottom:1px solid #ddd}h3{font-size:14px;margin:14px 0 2px}
+table{border-collapse:collapse;margin:6px 0}
+td,th{padding:2px 12px 2px 0;text-align:left;vertical-align:top}
+th{font-weight:600;border-bottom:1px solid #ccc}td.n,th.n{text-align:right}
+.muted{color:#777}.bad{color:#b71c1c}.bar{display:inline-block;height:10px;
+background:#4e79a7;vertical-align:middle}code{font-size:13px}
+svg text{font:11px system-ui,sans-serif;fill:#444}.legend span{display:inline-block;
+margin-right:14px}.swatch{display:inline-block;width:11px;height:11px;margin-right:4px;
+vertical-align:-1px}"""
+    LEFT = 78   # px left of a chart's time axis, for its labels
+
+    def __init__(self, story, report_dir):
+        import html
+        self.escape = html.escape
+        self.story, self.report_dir = story, report_dir
+
+    def html(self):
+        story = self.story
+        sections = [self.header(), self.timeline(), self.loads(), self.by_value(),
+                    self.resources(), self.failures()]
+        return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                "<title>threadward report: %s</title><style>%s</style></head><body>\n%s\n"
+                "<p class=\"muted\">written by threadward %s at %s from %s</p>"
+                "</body></html>\n" % (
+                    self.escape(os.path.basename(story.project.directory)), self.STYLE,
+                    "\n".join(sections), __version__, self._clock(time.time()),
+                    self.escape(os.path.join(PROJECT_SUBDIR, "task_queue", EVENTS_FILE))))
+
+    # -- pieces -------------------------------------------------------------
+
+    @staticmethod
+    def _clock(when):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+    def _x(self, when):
+        return (when - self.story.t0) * self.story.scale
+
+    def _table(self, head, rows, numeric=(), more=0, what="rows"):
+        """A table of ``rows`` (markup, escaped); ``numeric``: right-aligned columns."""
+        def cells(tag, values):
+            return "".join("<%s%s>%s</%s>" % (tag, ' class="n"' if i in numeric else "", v, tag)
+                           for i, v in enumerate(values))
+        text = "<table><tr>%s</tr>%s</table>" % (
+            cells("th", head), "".join("<tr>%s</tr>" % cells("td", row) for row in rows))
+        if more:
+            text += "<p class=\"muted\">and %d more %s</p>" % (more, what)
+        return text
+
+    def _describe(self, attempt):
+        """The hover text of an attempt."""
+        story = self.story
+        values = story.nicknames(attempt.task_id)
+        lines = [attempt.task_id, "  ".join("%s=%s" % pair for pair in zip(story.names, values)),
+                 "%s on worker %s, attempt %d: %s" % (
+                     _seconds_text(attempt.seconds if attempt.seconds is not None
+                                   else story.t1 - attempt.begin),
+                     attempt.worker, attempt.attempt, attempt.status)]
+        if attempt.load:
+            lines.append("loading %s (%s)" % (_seconds_text(attempt.load), ", ".join(
+                story.names[level] for level in attempt.converted if level < len(story.names))))
+        if attempt.reason:
+            lines.append(attempt.reason)
+        return self.escape("\n".join(line for line in lines if line))
+
+    # -- sections -----------------------------------------------------------
+
+    def header(self):
+        story, run = self.story, self.story.run
+        outcomes = story.outcomes
+        succeeded = outcomes["succeeded"]
+        failed = outcomes["failed"] + outcomes["interrupted"]
+        not_run = story.end["not_run"] if story.end else \
+            run.get("tasks", 0) - succeeded - failed - outcomes["running"]
+        state = {"finished": "finished",
+                 "stopped": "stopped (%s)" % (story.end or {}).get("stopped"),
+                 "running": "running; this page shows it as of %s" % self._clock(story.t1),
+                 "gone": "ended without its last line: the main process (%s) is gone"
+                         % run.get("pid")}[story.state]
+        counts = ["<b>%d succeeded</b>" % succeeded,
+                  "<b class=\"bad\">%d failed</b>" % failed if failed else "0 failed",
+                  "%d %s" % (not_run, "to run" if story.state == "running" else "not run")]
+        if outcomes["running"]:
+            counts.append("%d running" % outcomes["running"])
+        if outcomes["retrying"]:
+            counts.append("%d failed attempts run again" % outcomes["retrying"])
+        if run.get("skipped"):
+            counts.append("%d skipped (succeeded before)" % run["skipped"])
+        lines = ["<h1>threadward report: %s</h1>" % self.escape(story.project.directory),
+                 "<p>run <code>%s</code> on %s, started %s: %s; wall time %s</p>" % (
+                     self.escape(str(run.get("run"))), self.escape(str(run.get("host"))),
+                     self._clock(story.t0), self.escape(state),
+                     _format_duration(story.t1 - story.t0)),
+                 "<p>%s, of %d tasks in this run</p>" % (", ".join(counts), run.get("tasks", 0))]
+        rows = []
+        for lane in sorted(story.lanes.values(), key=lambda lane: lane.worker):
+            up = (lane.exited or story.t1) - (lane.ready or lane.started)
+            rows.append([str(lane.worker), ",".join(map(str, lane.gpus)) or "CPU",
+                         self.escape(str(lane.host or "this machine")), str(lane.pid or ""),
+                         self.escape(self._why(lane)), "+" + _seconds_text(lane.started -
+                                                                           story.t0),
+                         str(lane.tasks), "%d %%" % min(100, 100 * lane.busy / up)
+                         if up > 0 else "", self.escape(lane.cause or "running")])
+        lines.append(self._table(["worker", "GPUs", "host", "pid", "started as", "at", "tasks",
+                                  "busy", "ended"], rows, numeric=(5, 6, 7)))
+        settings = run.get("settings") or {}
+        lines.append("<details><summary>settings (%d)</summary>%s</details>" % (
+            len(settings), self._table(["setting", "value"], [
+                [name, "<code>%s</code>" % self.escape(_json_text(value))]
+                for name, value in settings.items()])))
+        return "\n".join(lines)
+
+    @staticmethod
+    def _why(lane):
+        return lane.why + (" of worker %s" % lane.replaces if lane.replaces is not None else "")
+
+    def timeline(self):
+        story = self.story
+        lanes = sorted(story.lanes)
+        top = 18
+        height = top + REPORT_LANE * len(lanes) + 24
+        row = {worker: top + REPORT_LANE * number for number, worker in enumerate(lanes)}
+        parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
+                 'class="timeline"><defs><pattern id="running" width="6" height="6" '
+                 'patternUnits="userSpaceOnUse" patternTransform="rotate(45)">'
+                 '<rect width="3" height="6" fill="#888"/></pattern></defs>'
+                 '<g transform="translate(%d,0)">' % (self.LEFT + REPORT_WIDTH + 20, height,
+                                                      self.LEFT)]
+        parts += self._axis(top, height - 20)
+        for worker in lanes:
+            parts += self._lane_background(story.lanes[worker], row[worker])
+        parts += [self._bar(attempt, row[attempt.worker]) for attempt in story.bars]
+        parts += [self._bin(block, number, row[worker])
+                  for (worker, number), block in sorted(story.bins.items())]
+        for worker in lanes:
+            parts += self._markers(story.lanes[worker], row[worker])
+        parts.append("</g></svg>")
+        binned = sum(block.count for block in story.bins.values())
+        note = ("%d attempts drawn one by one; %d shorter than %s (%d px here) are drawn "
+                "together: a block per %d px of a worker's lane, coloured by the "
+                "top-level value that took most of its time (red if any failed), paler "
+                "the less of it the worker was busy; hover for their count." % (
+                    len(story.bars), binned, _seconds_text(REPORT_MIN_BAR / story.scale),
+                    REPORT_MIN_BAR, REPORT_MIN_BAR)) if binned else \
+            "%d attempts, each drawn one by one." % len(story.bars)
+        return "<h2>Timeline</h2>\n%s\n%s\n<p class=\"muted\">%s Dark: loading (converters). " \
+               "Hatched: still running. Grey: the worker is up and idle. " \
+               "&#9650; worker started, &#9660; removed, &#10005; exited; hover for why.</p>" % (
+                   self._legend(), "".join(parts), note)
+
+    def _axis(self, top, bottom):
+        span = self.story.t1 - self.story.t0
+        step = _nice_step(span, 10)
+        parts = []
+        for number in range(int(span / step + 1e-9) + 1):
+            tick = number * step
+            x = tick * self.story.scale
+            parts.append('<line x1="%.1f" x2="%.1f" y1="%d" y2="%d" stroke="#eee"/>'
+                         '<text x="%.1f" y="%d" text-anchor="middle">%s</text>' % (
+                             x, x, top - 4, bottom, x, bottom + 14,
+                             _seconds_text(tick) if span < 60 else _format_duration(tick)))
+        return parts
+
+    def _lane_background(self, lane, y):
+        up = lane.ready or lane.started
+        middle = y + REPORT_LANE // 2
+        parts = ['<text x="-8" y="%d" text-anchor="end">worker %s</text>' % (
+            y + REPORT_LANE - 8, lane.worker)]
+        if lane.ready is not None:
+            parts.append('<line x1="%.1f" x2="%.1f" y1="%d" y2="%d" stroke="#bbb" '
+                         'stroke-width="3"><title>worker %s starting: %s</title></line>' % (
+                             self._x(lane.started), self._x(up), middle, middle, lane.worker,
+                             _seconds_text(up - lane.started)))
+        end = lane.exited if lane.exited is not None else self.story.t1
+        parts.append('<rect class="lane" x="%.1f" y="%d" width="%.1f" height="%d" '
+                     'fill="#f0f0f0"/>' % (self._x(up), y + 2,
+                                           max((end - up) * self.story.scale, 0.5),
+                                           REPORT_LANE - 4))
+        return parts
+
+    def _bar(self, attempt, y):
+        story = self.story
+        end = attempt.end if attempt.end is not None else story.t1
+        x, width = self._x(attempt.begin), (end - attempt.begin) * story.scale
+        fill = "url(#running)" if attempt.end is None else REPORT_FAILED if attempt.failed \
+            else story.colour(story.nicknames(attempt.task_id))
+        inner = ""
+        if attempt.load:
+            inner = '<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="#000" ' \
+                    'fill-opacity=".35"/>' % (x, y + 3, min(attempt.load * story.scale, width),
+                                              REPORT_LANE - 6)
+        return '<g class="task"><title>%s</title><rect x="%.1f" y="%d" width="%.1f" ' \
+               'height="%d" fill="%s" stroke="#fff" stroke-width=".5"/>%s</g>' % (
+                   self._describe(attempt), x, y + 3, max(width, 0.5), REPORT_LANE - 6,
+                   fill, inner)
+
+    def _bin(self, block, number, y):
+        width = REPORT_MIN_BAR / self.story.scale
+        title = "%d tasks between +%s and +%s, %d %% busy%s" % (
+            block.count, _seconds_text(number * width), _seconds_text((number + 1) * width),
+            min(100, round(100 * block.busy / width)),
+            ", %d failed (see Failures)" % block.failed if block.failed else "")
+        fill = REPORT_FAILED if block.failed else block.colours.most_common(1)[0][0]
+        return '<rect class="tasks" x="%d" y="%d" width="%d" height="%d" fill="%s" ' \
+               'fill-opacity="%.2f"><title>%s</title></rect>' % (
+                   number * REPORT_MIN_BAR, y + 3, REPORT_MIN_BAR, REPORT_LANE - 6, fill,
+                   0.35 + 0.65 * min(1.0, block.busy / width), title)
+
+    def _markers(self, lane, y):
+        marks = [(lane.started, "&#9650;", "#2e7d32",
+                  "worker %s started (%s)" % (lane.worker, self._why(lane)))]
+        if lane.removed is not None:
+            marks.append((lane.removed, "&#9660;", "#555", "worker %s removed (the console's "
+                          "remove: no new task)" % lane.worker))
+        if lane.exited is not None:
+            marks.append((lane.exited, "&#10005;", "#b71c1c" if lane.code else "#555",
+                          "worker %s exited: %s" % (lane.worker, lane.cause)))
+        return ['<text class="marker" x="%.1f" y="%d" text-anchor="middle" style="fill:%s">'
+                '%s<title>%s</title></text>' % (self._x(when), y + 1, colour, glyph,
+                                                self.escape(text))
+                for when, glyph, colour, text in marks]
+
+    def _legend(self):
+        story = self.story
+        shown = list(story.colours.items())[:len(REPORT_PALETTE)]
+        items = ['<span><i class="swatch" style="background:%s"></i>%s</span>' % (
+            colour, self.escape(str(value))) for value, colour in shown]
+        if len(story.colours) > len(shown):
+            items.append("<span class=\"muted\">(%d values: the colours repeat)</span>"
+                         % len(story.colours))
+        items.append('<span><i class="swatch" style="background:%s"></i>failed</span>'
+                     % REPORT_FAILED)
+        return '<p class="legend">%s: %s</p>' % (
+            self.escape(story.names[0] if story.names else "top level"), "".join(items))
+
+    def loads(self):
+        story = self.story
+        workers = story.workers_that_ran()
+        rows = []
+        for level, name in enumerate(story.names):
+            if level not in story.prefixes:
+                rows.append([self.escape(name), "no converter", "", "", ""])
+                continue
+            prefixes = len(story.prefixes[level])
+            bound = prefixes + workers - 1 if prefixes else 0
+            calls = story.calls[level]
+            rows.append([self.escape(name), str(calls), str(prefixes), str(bound),
+                         "%.2f" % (calls / bound) if bound else ""])
+        share = "%s of %s of task time went to loading (%d %%), %s to running" % (
+            _seconds_text(story.load), _seconds_text(story.seconds),
+            round(100 * story.load / story.seconds) if story.seconds else 0,
+            _seconds_text(story.seconds - story.load))
+        return ("<h2>Loads</h2>\n<p>%s.</p>\n%s\n<p class=\"muted\">Converter calls per level "
+                "against P + W - 1, where P counts the distinct values of the level and "
+                "those above it among the tasks run, and W = %d the workers that ran them: "
+                "the fewest loads of W workers cutting the sweep into contiguous runs of "
+                "equal-length tasks. A load that failed counts as a call.</p>" % (
+                    share, self._table(["variable", "converter calls", "P", "P + W - 1",
+                                        "calls / bound"], rows, numeric=(1, 2, 3, 4)),
+                    workers))
+
+    def by_value(self):
+        story = self.story
+        parts = ["<h2>Task time by variable value</h2>",
+                 "<p class=\"muted\">Every attempt of this run that ended, by the value it "
+                 "ran with; seconds include loading.</p>"]
+        for name, stats in zip(story.names, story.by_value):
+            if not stats:
+                continue
+            shown = list(stats.items())
+            more = 0
+            if len(shown) > REPORT_VALUES:   # the slowest
+                shown.sort(key=lambda item: -item[1].seconds / item[1].count)
+                more, shown = len(shown) - REPORT_VALUES, shown[:REPORT_VALUES]
+            slowest = max(stat.seconds / stat.count for _, stat in shown) or 1.0
+            rows = [[self.escape(str(value)), str(stat.count),
+                     _seconds_text(stat.seconds / stat.count),
+                     '<i class="bar" style="width:%dpx"></i>' % round(
+                         160 * stat.seconds / stat.count / slowest),
+                     _seconds_text(stat.load / stat.count), _seconds_text(stat.seconds),
+                     '<span class="bad">%d</span>' % stat.failed if stat.failed else "0"]
+                    for value, stat in shown]
+            parts.append("<h3>%s</h3>%s" % (self.escape(name), self._table(
+                [self.escape(name), "attempts", "mean", "", "mean load", "total", "failed"],
+                rows, numeric=(1, 2, 4, 5, 6), more=more,
+                what="values (the %d slowest are shown)" % REPORT_VALUES)))
+        return "\n".join(parts)
+
+    def resources(self):
+        samples = self.story.samples
+        workers = sorted({int(w) for _, figures in samples for w in figures})
+        parts = ["<h2>Resources</h2>"]
+        if not workers:
+            parts.append("<p class=\"muted\">No readings: one is taken every %g s while "
+                         "the run goes on, with psutil for CPU and RAM.</p>" % STATUS_INTERVAL)
+            return "\n".join(parts)
+        palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
+                   "#7f7f7f", "#bcbd22", "#17becf")
+        colour = {w: palette[n % len(palette)] for n, w in enumerate(workers)}
+        parts.append('<p class="legend">%s</p>' % "".join(
+            '<span><i class="swatch" style="background:%s"></i>worker %d</span>' % (
+                colour[w], w) for w in workers))
+        for key, title, form in (("cpu", "CPU (% of one core)", lambda v: "%d %%" % v),
+                                 ("rss", "RAM (RSS of the worker and its children)",
+                                  _format_bytes),
+                                 ("gpu", "GPU memory", _format_bytes)):
+            parts.append(self._chart(samples, workers, colour, key, title, form))
+        return "\n".join(parts)
+
+    def _chart(self, samples, workers, colour, key, title, form):
+        """A line per worker; of several samples in a pixel column, the largest."""
+        series = {}
+        for when, figures in samples:
+            column = int(self._x(when))
+            for worker, values in figures.items():
+                value = values.get(key)
+                if value is not None:
+                    points = series.setdefault(int(worker), collections.OrderedDict())
+                    points[column] = max(points.get(column, value), value)
+        if not series:
+            return "<h3>%s</h3><p class=\"muted\">no readings</p>" % title
+        top = max(max(points.values()) for points in series.values()) or 1
+        height = 110
+        lines = ['<polyline fill="none" stroke="%s" stroke-width="1.5" points="%s">'
+                 '<title>worker %d</title></polyline>' % (
+                     colour[worker], " ".join("%d,%.1f" % (x, height - height * v / top)
+                                              for x, v in series[worker].items()), worker)
+                 for worker in workers if worker in series]
+        return ('<h3>%s</h3><svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d">'
+                '<g transform="translate(%d,6)"><line x1="0" x2="%d" y1="%d" y2="%d" '
+                'stroke="#ccc"/><text x="-8" y="8" text-anchor="end">%s</text>'
+                '<text x="-8" y="%d" text-anchor="end">0</text>%s%s</g></svg>' % (
+                    title, self.LEFT + REPORT_WIDTH + 20, height + 30, self.LEFT, REPORT_WIDTH,
+                    height, height, form(top), height, "".join(self._axis(0, height)),
+                    "".join(lines)))
+
+    def failures(self):
+        story = self.story
+        parts = ["<h2>Failures</h2>"]
+        if not story.failures:
+            parts.append("<p>No attempt failed.</p>")
+            return "\n".join(parts)
+        import urllib.parse
+        rows = []
+        for task_id, attempts in story.failures.items():
+            final = attempts[-1]
+            reason = next(a.reason for a in reversed(attempts) if a.failed)
+            outcome = {"succeeded": "succeeded on attempt %d" % final.attempt,
+                       "running": "running attempt %d" % final.attempt,
+                       "retrying": "retrying"}.get(final.status, final.status)
+            log = os.path.relpath(os.path.join(story.folder(task_id), Task.LOG_NAME),
+                                  self.report_dir)
+            rows.append(['<a href="%s">%s</a>' % (self.escape(urllib.parse.quote(log)),
+                                                  self.escape(task_id)),
+                         '<span class="bad">%s</span>' % outcome if final.failed else outcome,
+                         str(final.attempt), self.escape(reason)])
+        parts.append(self._table(["task (its task.log)", "outcome", "attempts", "reason"],
+                                 rows, numeric=(2,), more=story.failures_left_out,
+                                 what="failed attempts of other tasks (failed_tasks.txt "
+                                      "lists the tasks that failed)"))
+        return "\n".join(parts)
+
+
+###############################################################################
 # Worker (the parent's handle on one subprocess) ##############################
 ###############################################################################
 
@@ -4429,6 +5161,7 @@ class Threadward:
         self._interrupting = False    # running tasks are being ended
         self._stop_deadline = None    # SIGTERM: when running tasks are ended
         self._hook_failed = False
+        self.report_path = None       # report.html, once the run has written it
         self._own_children = set()    # processes of before_all_tasks: not orphans
         self._orphans = _Orphans()    # what workers that died left running
 
@@ -4500,24 +5233,10 @@ class Threadward:
             if self._stdin_fd is not None:
                 _Console(self, self._stdin_fd).register(self._selector)
             _become_subreaper()
-            if not self._call_main_hook("before_all_tasks"):
+            if self._call_main_hook("before_all_tasks"):
+                self._run_workers()
+            else:
                 self._stop("before_all_tasks raised")
-                return self._print_summary()
-            self._own_children = _child_pids()
-            try:
-                if self._bar:
-                    self._bar.start()
-                self._start_workers()
-                self._loop()
-                if len(self.scheduler):
-                    self._stop("no worker left to run the remaining tasks")
-            finally:
-                if self._bar:
-                    self._bar.finish()   # before teardown: after_all_tasks may hang
-                self._stop_all_workers()
-                self._write_results()
-                if not self._call_main_hook("after_all_tasks"):
-                    self._hook_failed = True
         finally:
             self._signals.restore()
             self._orphans.reap(until=time.monotonic() + KILL_WAIT)
@@ -4531,6 +5250,36 @@ class Threadward:
                 self.say(error)
             ledger.close()
         return self._print_summary()
+
+    def _run_workers(self):
+        """Start the workers, run the loop, stop them, run after_all_tasks."""
+        self._own_children = _child_pids()
+        try:
+            if self._bar:
+                self._bar.start()
+            self._start_workers()
+            self._loop()
+            if len(self.scheduler):
+                self._stop("no worker left to run the remaining tasks")
+        finally:
+            if self._bar:
+                self._bar.finish()   # before teardown: after_all_tasks may hang
+            self._stop_all_workers()
+            self._write_results()
+            if not self._call_main_hook("after_all_tasks"):
+                self._hook_failed = True
+
+    def _write_report(self):
+        """report.html of the run, named at the summary's end (after it: a
+        big sweep's page takes seconds); a failure to write it is said, not
+        fatal (the results are recorded)."""
+        try:
+            self.report_path = report(self.project.directory)
+        except Exception as exc:   # a bug in the page must not lose the run's exit code
+            self.say("could not write the report (%s: %s); `threadward report` tries again"
+                     % (type(exc).__name__, exc))
+        else:
+            self.say("report: %s" % _display_path(self.report_path))
 
     # -- preparing ----------------------------------------------------------
 
@@ -5109,6 +5858,7 @@ class Threadward:
         stopped = self._stopping if self._stopping and not_run else None
         for line in self._ledger.summary(stopped, not_run):
             self.say(line)
+        self._write_report()
         if self._hook_failed:
             self.say("after_all_tasks raised (see above)")
         return EXIT_OK if not (self._ledger.failed or stopped or self._hook_failed) \
@@ -6001,6 +6751,15 @@ def _build_parser():
                        help="only the rows whose column NAME is VALUE (a variable matches its "
                             "value or nickname); repeat a NAME for either of several values; "
                             "different NAMEs must all match")
+    page = commands.add_parser(
+        "report", help="write an HTML page of the last run (timeline, loads, time by value, "
+                       "resources, failures) and print its path",
+        description="Write one self-contained HTML page of the project's last run, from "
+                    "threadward/task_queue/events.jsonl (during a run too: what happened so "
+                    "far), and print its path. Every run writes it at its end.")
+    page.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    page.add_argument("-o", "--output", metavar="FILE",
+                      help="where to write it (default: DIR/threadward/%s)" % REPORT_FILE)
     return parser
 
 
@@ -6054,6 +6813,11 @@ def _cmd_results(args):
     return EXIT_OK
 
 
+def _cmd_report(args):
+    sys.stdout.write(_display_path(report(args.directory, args.output)) + "\n")
+    return EXIT_OK
+
+
 def main(argv=None):
     """The `threadward` command; returns the exit code."""
     # User files that `import threadward` must get this module, not a second copy.
@@ -6065,7 +6829,7 @@ def main(argv=None):
         return _worker_main(argv[1:])
     args = _build_parser().parse_args(argv)
     handler = {"init": _cmd_init, "run": _cmd_run, "status": _cmd_status,
-               "results": _cmd_results}[args.command]
+               "results": _cmd_results, "report": _cmd_report}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:
