@@ -36,7 +36,7 @@ demo: $(BIN)/threadward
 	rm -rf $(DEMO_DIR)
 	$(BIN)/threadward init $(DEMO_DIR)
 	cd $(DEMO_DIR) && $(CURDIR)/$(BIN)/threadward run < /dev/null
-	@echo "demo results: $(DEMO_DIR)/threadward/task_outputs"
+	@echo "demo results: $(DEMO_DIR)/threadward/task_outputs; open $(DEMO_DIR)/threadward/report.html to see the sweep"
 
 test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q tests --ignore=tests/ml

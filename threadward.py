@@ -3768,6 +3768,7 @@ REPORT_LANE = 22      # px of a worker's lane
 REPORT_MIN_BAR = 2    # px: an attempt narrower than this is drawn in its bin
 REPORT_ROWS = 200     # rows of a table at most; the rest are counted
 REPORT_VALUES = 30    # values of a variable in "time by value" at most
+REPORT_DOTS = 60      # a resource line of this many points or fewer shows each
 # Top-level values' colours, in order of appearance (then again); red is for failures.
 REPORT_PALETTE = ("#4e79a7", "#59a14f", "#edc948", "#b07aa1", "#76b7b2", "#9c755f",
                   "#f28e2b", "#bab0ac", "#a0cbe8", "#8cd17d", "#d4a6c8", "#86bcb6")
@@ -4430,11 +4431,17 @@ vertical-align:-1px}"""
             return "<h3>%s</h3><p class=\"muted\">no readings</p>" % title
         top = max(max(points.values()) for points in series.values()) or 1
         height = 110
-        lines = ['<polyline fill="none" stroke="%s" stroke-width="1.5" points="%s">'
-                 '<title>worker %d</title></polyline>' % (
-                     colour[worker], " ".join("%d,%.1f" % (x, height - height * v / top)
-                                              for x, v in series[worker].items()), worker)
-                 for worker in workers if worker in series]
+        lines = []
+        for worker in workers:
+            points = [(x, height - height * v / top, v) for x, v in series.get(worker, {}).items()]
+            lines.append('<polyline fill="none" stroke="%s" stroke-width="1.5" points="%s">'
+                         '<title>worker %d</title></polyline>' % (
+                             colour[worker], " ".join("%d,%.1f" % point[:2] for point in points),
+                             worker))
+            if len(points) <= REPORT_DOTS:   # a line of few points: each one shown
+                lines += ['<circle cx="%d" cy="%.1f" r="2.5" fill="%s"><title>worker %d: %s'
+                          '</title></circle>' % (x, y, colour[worker], worker, form(v))
+                          for x, y, v in points]
         return ('<h3>%s</h3><svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d">'
                 '<g transform="translate(%d,6)"><line x1="0" x2="%d" y1="%d" y2="%d" '
                 'stroke="#ccc"/><text x="-8" y="8" text-anchor="end">%s</text>'
