@@ -9,6 +9,12 @@ Creating a folder and a file is a file-system operation whose cost depends
 on the disk: the "1 process, serial" row is that floor for the scratch disk
 (TMPDIR), and the tmpfs row runs threadward with its project in /dev/shm,
 which shows threadward's own dispatch cost without the disk.
+
+The timeline events of events.jsonl (worker, hand, start, back, sample
+lines) are measured by running the same projects with
+threadward.TIMELINE_EVENTS off (common.cli(events=False)) in the same
+rounds, on disk and on tmpfs: their cost is the events-on time over the
+events-off time, less 1 (target of issue 16: <= 10 %).
 """
 
 import concurrent.futures
@@ -71,14 +77,17 @@ def setup_variable_set(variable_set):
 """
 
 
-def threadward_wall(scratch, name, count, variables=None):
+def threadward_wall(scratch, name, count, variables=None, events=True, sizes=None):
     # The projects stay until the scratch folder goes at the end: deleting
     # thousands of folders between runs slows the next run's file creation
     # on this kind of disk by up to 3 x, which is noise, not dispatch.
     def once():
         directory = scratch.sub("%s-%d" % (name, time.monotonic_ns()))
         common.make_project(directory, TASK, variables or VARIABLES % count, RESOURCES)
-        return common.run_threadward(directory, expect=count)
+        wall = common.run_threadward(directory, expect=count, events=events)
+        if sizes is not None:
+            sizes[name] = common.events_bytes(directory)
+        return wall
     return once
 
 
@@ -119,12 +128,17 @@ def main():
             root = scratch.sub("pool-files-%d" % next(fresh))
             return pool_wall(count, with_folder_and_log, [(root, i) for i in range(count)])
 
+        sizes = {}   # events.jsonl bytes of the last run of each project name
         methods = [
-            ("full", threadward_wall(scratch, "tw", count)),
+            ("full", threadward_wall(scratch, "tw", count, sizes=sizes)),
+            ("full off", threadward_wall(scratch, "tw-off", count, events=False, sizes=sizes)),
             ("one", threadward_wall(scratch, "one", 1)),
+            ("one off", threadward_wall(scratch, "one-off", 1, events=False)),
             ("nested", threadward_wall(scratch, "nested", count,
                                        NESTED_VARIABLES % max(1, count // 100))),
             ("tmpfs", threadward_wall(ram, "tw", count) if shm else lambda: float("nan")),
+            ("tmpfs off", threadward_wall(ram, "tw-off", count, events=False)
+             if shm else lambda: float("nan")),
             ("pool", lambda: pool_wall(count)),
             ("pool files", pool_with_files),
             ("files", lambda: serial_files_wall(scratch.sub("serial-%d" % next(fresh)), count)),
@@ -142,10 +156,19 @@ def main():
         rows.append(["threadward, marginal", count - 1, full - one, int(round(marginal)),
                      1000.0 * WORKERS / marginal, (count - 1) / marginal,
                      "minus a 1-task run (%.2f s start-up)" % one])
+        off_rate = row("threadward, events off", count, best["full off"],
+                       "TIMELINE_EVENTS = False: run, task, end lines only")
+        off_marginal = (count - 1) / max(best["full off"] - best["one off"], 1e-9)
+        rows.append(["threadward, events off, marginal", count - 1,
+                     best["full off"] - best["one off"], int(round(off_marginal)),
+                     1000.0 * WORKERS / off_marginal, (count - 1) / off_marginal,
+                     "minus a 1-task run (%.2f s start-up)" % best["one off"]])
         row("threadward, %d x 100 sweep" % max(1, count // 100), count, best["nested"],
             "folders of 100 entries, not one of %d" % count)
         if shm:
             row("threadward, project on tmpfs", count, best["tmpfs"], "/dev/shm: no disk cost")
+            row("threadward, tmpfs, events off", count, best["tmpfs off"],
+                "TIMELINE_EVENTS = False")
         else:
             notes.append("tmpfs: no writable /dev/shm; the tmpfs row is skipped")
         row("ProcessPoolExecutor(2)", count, best["pool"], "no folder, no log")
@@ -183,6 +206,7 @@ def main():
     for r in rows:
         r.insert(6, r[5] / tw_time)
     tmpfs_rate = count / best["tmpfs"] if shm else float("nan")
+    tmpfs_off_rate = count / best["tmpfs off"] if shm else float("nan")
     pool_files_rate = count / best["pool files"]
     notes[:0] = [
         "target: >= %d tasks/s end to end (<= %.1f ms per task per worker): on disk %s "
@@ -198,7 +222,18 @@ def main():
            "; on tmpfs %.3f ms end to end, less a floor of %.3f ms" % (
                1000.0 * WORKERS / tmpfs_rate - tmpfs_floor_ms, tmpfs_floor_ms)
            if shm else "")]
+    notes[3:3] = [
+        "target: events cost <= %d %% (issue 16): on disk %s; marginal %s; on tmpfs %s"
+        % (100 * common.EVENTS_TARGET, common.events_verdict(tw_rate, off_rate),
+           common.events_verdict(marginal, off_marginal),
+           common.events_verdict(tmpfs_rate, tmpfs_off_rate) if shm else "skipped"),
+        "events cost = events-on time / events-off time - 1 (best of %d each, timed in the "
+        "same rounds); events.jsonl: %.0f B per task with the timeline events, %.0f B "
+        "without (the %d-task run on disk)"
+        % (repeats, sizes["tw"] / count, sizes["tw-off"] / count, count)]
     common.table("B1 dispatch: %d no-op tasks on %d workers" % (count, WORKERS),
                  ["method", "tasks run", "wall s", "tasks/s", "ms/task/worker",
                   "s for N", "x threadward", "note"], rows, notes)
-    return {"rate": tw_rate, "marginal": marginal, "tmpfs": tmpfs_rate}
+    return {"rate": tw_rate, "marginal": marginal, "tmpfs": tmpfs_rate,
+            "events_cost": common.events_cost(tw_rate, off_rate)[0],
+            "tmpfs_events_cost": common.events_cost(tmpfs_rate, tmpfs_off_rate)[0]}

@@ -1,8 +1,9 @@
 """Shared helpers for the benchmarks: temporary projects, the real CLI, tables.
 
 Every benchmark builds throwaway threadward projects under a temporary
-folder and runs ``sys.executable threadward.py run DIR`` exactly as a user
-would.  Timings are wall-clock (time.perf_counter) around the whole command.
+folder and runs ``sys.executable -m threadward run DIR`` exactly as a user
+would (B1 and B5 also run it with the timeline events off, see cli).
+Timings are wall-clock (time.perf_counter) around the whole command.
 Nothing here asserts on a timing: tables report ratios against baselines
 measured in the same run, and a target column says whether it was met.
 """
@@ -99,10 +100,49 @@ def count_lines(path):
         return 0
 
 
-def cli(directory, *args):
+# threadward's main() with the timeline events off: events.jsonl gets only
+# its "run", "task" and "end" lines (the ones `results` reads).  The module
+# is imported, not run as __main__, so the flag is set before main() runs.
+EVENTS_OFF = ("import sys, threadward; threadward.TIMELINE_EVENTS = False; "
+              "sys.exit(threadward.main(sys.argv[1:]))")
+
+
+def cli(directory, *args, events=True):
     """`threadward run DIR` as the console script runs it: the module imported
-    (from this checkout, see clean_env), so its cached bytecode is used."""
-    return [sys.executable, "-m", "threadward", "run", directory] + list(args)
+    (from this checkout, see clean_env), so its cached bytecode is used.
+    ``events=False``: the same run with threadward.TIMELINE_EVENTS off, the
+    baseline that B1 and B5 measure the events' cost against."""
+    start = [sys.executable, "-m", "threadward"] if events else [sys.executable, "-c", EVENTS_OFF]
+    return start + ["run", directory] + list(args)
+
+
+def events_bytes(directory):
+    """The size of the project's threadward/task_queue/events.jsonl (0 if none)."""
+    try:
+        return os.path.getsize(queue_file(directory, "events.jsonl"))
+    except OSError:
+        return 0
+
+
+EVENTS_TARGET = 0.10   # issue 16: the timeline events cost <= 10 % of a sweep's time
+
+
+def events_cost(rate_on, rate_off):
+    """The timeline events' cost from the tasks/s with them on and off:
+    (extra time as a share of the events-off time, on / off tasks/s, ms
+    added per task), or Nones without both rates."""
+    if not rate_on or not rate_off or rate_on != rate_on or rate_off != rate_off:
+        return None, None, None
+    return rate_off / rate_on - 1.0, rate_on / rate_off, 1000.0 / rate_on - 1000.0 / rate_off
+
+
+def events_verdict(rate_on, rate_off):
+    """'MET (events on / off: 0.95 x tasks/s, +0.011 ms per task, +5.3 %)'."""
+    cost, ratio, added = events_cost(rate_on, rate_off)
+    if cost is None:
+        return "MISSED (not measured)"
+    return "%s (events on / off: %.0f / %.0f tasks/s = %.3f x, %+.4f ms per task, %+.1f %%)" % (
+        verdict(cost <= EVENTS_TARGET), rate_on, rate_off, ratio, added, 100.0 * cost)
 
 
 def clean_env(extra=None):
@@ -117,17 +157,19 @@ def clean_env(extra=None):
     return env
 
 
-def run_threadward(directory, expect=None, env=None, args=(), timeout=900):
+def run_threadward(directory, expect=None, env=None, args=(), timeout=900, events=True):
     """Run the CLI to the end with stdin at /dev/null; return wall seconds.
 
     ``expect``: the number of successful tasks the run must record (a check
-    that the benchmark measured what it claims, not a timing assert).
+    that the benchmark measured what it claims, not a timing assert);
+    ``events=False``: with the timeline events off (see cli).
     """
     log_path = os.path.join(directory, "bench-run.log")
     with open(log_path, "wb") as log:
         started = time.perf_counter()
-        result = subprocess.run(cli(directory, *args), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=clean_env(env), timeout=timeout)
+        result = subprocess.run(cli(directory, *args, events=events), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, env=clean_env(env),
+                                timeout=timeout)
         wall = time.perf_counter() - started
     check_run(directory, result.returncode, expect, log_path)
     return wall
