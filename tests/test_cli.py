@@ -143,7 +143,8 @@ def assert_template_run(result, directory):
                 if re.match(r"\[[^\]]+\] \d+/%d done, 0 failed\b" % count, line)]
     assert progress and progress[0] > start[0], explain(result)
     assert "%d/%d done" % (count, count) in lines[progress[-1]]
-    assert re.match(r"done in \S+: %d succeeded, 0 failed$" % count, lines[-1]), explain(result)
+    assert re.match(r"done in \S+: %d succeeded, 0 failed$" % count, lines[-2]), explain(result)
+    assert lines[-1] == "report: threadward/report.html", explain(result)
     assert_no_leftovers(directory)
     return tasks
 

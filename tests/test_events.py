@@ -90,7 +90,6 @@ def test_a_run_records_its_header_workers_tasks_and_end(project):
         ("a/0", 1, "succeeded"), ("a/1", 1, "retrying"), ("a/1", 2, "succeeded"),
         ("a/2", 1, "succeeded"), ("b/0", 1, "succeeded"), ("b/1", 1, "succeeded"),
         ("b/2", 1, "succeeded")]
-    starts = of_kind(record, "start")
     for end in ends:
         # before its end: its last hand-out, and the start noted since (none came back)
         mine = [e for e in record[:record.index(end)] if e.get("id") == end["id"]

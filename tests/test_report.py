@@ -363,8 +363,8 @@ def task_method(variables, task_folder, log_file):
     assert "worker 0 exited: worker 0 exited with code 3" in marks
     assert "worker 1 started (replace of worker 0)" in marks
     workers = page.body.all("table")[0].all("tr")
-    assert [row.elements()[4].content() for row in workers[1:]] == ["start",
-                                                                  "replace of worker 0"]
+    started_as = [row.elements()[4].content() for row in workers[1:]]
+    assert started_as == ["start", "replace of worker 0"]
 
 
 def test_ids_that_do_not_spell_the_values_are_read_from_the_task_list(project):
