@@ -4373,7 +4373,8 @@ vertical-align:-1px}"""
         story = self.story
         parts = ["<h2>Task time by variable value</h2>",
                  "<p class=\"muted\">Every attempt of this run that ended, by the value it "
-                 "ran with; seconds include loading.</p>"]
+                 "ran with, in the order the first of each ended; seconds include "
+                 "loading.</p>"]
         for name, stats in zip(story.names, story.by_value):
             if not stats:
                 continue
@@ -5282,6 +5283,8 @@ class Threadward:
         fatal (the results are recorded)."""
         try:
             self.report_path = report(self.project.directory)
+        except KeyboardInterrupt:   # the results are recorded; the page can wait
+            self.say("the report was not written (interrupted); `threadward report` writes it")
         except Exception as exc:   # a bug in the page must not lose the run's exit code
             self.say("could not write the report (%s: %s); `threadward report` tries again"
                      % (type(exc).__name__, exc))

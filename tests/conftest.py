@@ -1,5 +1,6 @@
 """Shared fixtures: a temporary threadward project driven through the real CLI."""
 
+import contextlib
 import functools
 import inspect
 import json
@@ -158,6 +159,19 @@ def read_until(stream, text, timeout=60):
     finally:
         os.set_blocking(fd, True)
     return seen.decode()
+
+
+@contextlib.contextmanager
+def started(project, *args):
+    """`threadward run DIR ARGS` in the background (Project.start), killed
+    on the way out if it is still running (a failed assertion)."""
+    process = project.start(*args)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def run_until(project, stdin, text, gate):

@@ -8,7 +8,7 @@ import json
 import os
 
 import threadward
-from conftest import TASK_IMPORTS_WAIT_FOR, wait_for
+from conftest import TASK_IMPORTS_WAIT_FOR, started, wait_for
 
 
 def events(project):
@@ -197,8 +197,7 @@ GATE = %r
 def task_method(variables, task_folder, log_file):
     wait_for(lambda: os.path.exists(GATE), timeout=120)
 """ % gate, resources="NUM_WORKERS = 2\n")
-    process = project.start()
-    try:
+    with started(project) as process:
         path = os.path.join(project.queue, "events.jsonl")
 
         def two_samples():
@@ -207,10 +206,6 @@ def task_method(variables, task_folder, log_file):
         wait_for(lambda: os.path.exists(path) and two_samples(), timeout=60)
         open(gate, "w").close()
         process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     samples = of_kind(events(project), "sample")
     last = samples[1]["workers"]
     assert sorted(last) == ["0", "1"]
