@@ -3166,6 +3166,23 @@ class _RunLock:
             "; if it is still going on there, stop this one: locks on this filesystem may "
             "not reach across hosts")
 
+    def held(self):
+        """Whether a run holds the lock now (None: this filesystem cannot
+        say).  Never call it from the process that holds it: closing any of
+        a process's descriptors of the file drops its POSIX locks."""
+        import fcntl
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            return True if exc.errno in (errno.EACCES, errno.EAGAIN) else None
+        finally:
+            os.close(fd)   # lets go of the lock, if it was ours to take
+        return False
+
     def release(self):
         if self._fd is not None:
             os.ftruncate(self._fd, 0)   # emptied first: a next run sees a clean hand-over
@@ -3773,6 +3790,7 @@ REPORT_DOTS = 60      # a resource line of this many points or fewer shows each
 REPORT_PALETTE = ("#4e79a7", "#59a14f", "#edc948", "#b07aa1", "#76b7b2", "#9c755f",
                   "#f28e2b", "#bab0ac", "#a0cbe8", "#8cd17d", "#d4a6c8", "#86bcb6")
 REPORT_FAILED = "#d62728"
+REPORT_INTERRUPTED = "#555"   # ended by a quit, a signal or a lost worker: it runs again
 # Lines a finished run's page does not need (a running one's needs "start"
 # and "back": they tell what runs now); the record's own format, checked
 # by tests/test_report.py.
@@ -3847,7 +3865,8 @@ class _RunStory:
         if (run.get("settings") or {}).get("TASK_FOLDER_LOCATION") == "VARIABLE_UNDERSCORE":
             self._nicknames = self._read_nicknames()
         self.lanes = {}          # worker ID -> _Lane
-        self.samples = []        # (time, {worker ID: {"cpu", "rss", "gpu"}})
+        # "cpu", "rss", "gpu" -> {worker ID: {pixel column: largest reading there}}
+        self.series = {key: {} for key in ("cpu", "rss", "gpu")}
         self.bars = []           # _Attempt drawn one by one
         self.bins = {}           # (worker, bin number) -> _Bin
         self.colours = collections.OrderedDict()   # top-level value -> colour
@@ -3876,16 +3895,18 @@ class _RunStory:
             for line in stream:   # bytes only: where the last run begins, its last line
                 if line.startswith(b'{"event": "run"'):
                     start = offset
-                offset += len(line)
                 if line.endswith(b"\n"):
                     last = line
+                    offset += len(line)
+            modified = os.fstat(stream.fileno()).st_mtime
             stream.seek(start)
             first = stream.readline()
             if not first.startswith(b'{"event": "run"') or not first.endswith(b"\n"):
                 return None
-            story = cls._begin(project, _json_decode(first.decode("utf-8")), last,
-                               os.fstat(stream.fileno()).st_mtime)
-            story._read_events(stream)
+            story = cls._begin(project, _json_decode(first.decode("utf-8")), last, modified)
+            # Up to what the first pass saw: a running sweep's later lines
+            # are past the time axis.
+            story._read_events(stream, offset - start - len(first))
         return story
 
     @classmethod
@@ -3901,15 +3922,24 @@ class _RunStory:
         if end is not None:
             return cls(project, run, end, "stopped" if end.get("stopped") else "finished",
                        end["time"])
-        if run.get("host") == os.uname().nodename and not _pid_alive(run.get("pid")):
-            return cls(project, run, None, "gone", modified)
-        return cls(project, run, None, "running", time.time())
+        here = run.get("host") == os.uname().nodename
+        if here and run.get("pid") == os.getpid():
+            going = True   # the run itself, before its end line
+        else:
+            going = _RunLock(os.path.join(project.queue_dir, "run.lock")).held()
+            if going is None:   # no locks here: the PID says, on its own host
+                going = not here or _pid_alive(run.get("pid"))
+        if going:
+            return cls(project, run, None, "running", time.time())
+        # mtime's granularity is coarser than the events' clock
+        return cls(project, run, None, "gone", modified + 0.05)
 
-    def _read_events(self, stream):
+    def _read_events(self, stream, size):
         finished = self.end is not None
         for line in stream:
-            if not line.endswith(b"\n"):
-                break   # torn: its writer is mid-line, or died there
+            size -= len(line)
+            if size < 0 or not line.endswith(b"\n"):
+                break   # past the first pass, or torn: its writer is mid-line, or died there
             if line.startswith(_HAND_LINE) or finished and line.startswith(
                     (_START_LINE, _BACK_LINE)):
                 continue
@@ -3933,7 +3963,7 @@ class _RunStory:
         elif kind == "worker":
             self._worker(event)
         elif kind == "sample":
-            self.samples.append((event["time"], event["workers"]))
+            self._sampled(event["time"], event["workers"])
 
     def _ended(self, event):
         task_id, seconds, now = event["id"], event.get("seconds"), event["time"]
@@ -3961,6 +3991,15 @@ class _RunStory:
         elif state == "exit":
             lane.exited, lane.cause, lane.code = event["time"], event.get("cause"), \
                 event.get("code")
+
+    def _sampled(self, when, figures):
+        column = int((when - self.t0) * self.scale)
+        for worker, values in figures.items():
+            for key, series in self.series.items():
+                value = values.get(key)
+                if value is not None:
+                    points = series.setdefault(int(worker), collections.OrderedDict())
+                    points[column] = max(points.get(column, value), value)
 
     def _lane(self, worker):
         """The lane of ``worker`` (one the record's start line missed begins with the run)."""
@@ -4012,8 +4051,9 @@ class _RunStory:
     def _tally(self, attempt):
         values = self.nicknames(attempt.task_id)
         failed = attempt.failed
+        attempt.begin = min(attempt.begin, self.t1)
         end = attempt.end if attempt.end is not None else self.t1
-        seconds = end - attempt.begin
+        seconds = max(0.0, end - attempt.begin)
         if attempt.worker is not None:
             lane = self._lane(attempt.worker)
             lane.tasks += 1
@@ -4029,7 +4069,7 @@ class _RunStory:
                 block.count += 1
                 block.busy += seconds
                 block.failed += failed
-                block.colours[REPORT_FAILED if failed else self.colour(values)] += seconds
+                block.colours[self.colour(values)] += seconds
         if attempt.end is None:
             self.outcomes["running"] += 1
             return
@@ -4063,8 +4103,18 @@ class _RunStory:
             else:
                 self.failures_left_out += 1
 
-    def workers_that_ran(self):
-        return sum(1 for lane in self.lanes.values() if lane.tasks)
+    def most_workers_at_once(self):
+        """The most workers that ran tasks at the same time."""
+        changes = []
+        for lane in self.lanes.values():
+            if lane.tasks:
+                changes += [(lane.ready or lane.started, 1),
+                            (lane.exited if lane.exited is not None else self.t1, -1)]
+        most = now = 0
+        for _, change in sorted(changes):   # an exit before a start at the same time
+            now += change
+            most = max(most, now)
+        return most
 
 
 def report(directory=".", path=None):
@@ -4178,8 +4228,8 @@ vertical-align:-1px}"""
     def header(self):
         story, run = self.story, self.story.run
         outcomes = story.outcomes
-        succeeded = outcomes["succeeded"]
-        failed = outcomes["failed"] + outcomes["interrupted"]
+        succeeded, interrupted = outcomes["succeeded"], outcomes["interrupted"]
+        failed = outcomes["failed"] + interrupted
         not_run = story.end["not_run"] if story.end else \
             run.get("tasks", 0) - succeeded - failed - outcomes["running"]
         state = {"finished": "finished",
@@ -4188,12 +4238,15 @@ vertical-align:-1px}"""
                  "gone": "ended without its last line: the main process (%s) is gone"
                          % run.get("pid")}[story.state]
         counts = ["<b>%d succeeded</b>" % succeeded,
-                  "<b class=\"bad\">%d failed</b>" % failed if failed else "0 failed",
+                  "<b class=\"bad\">%d failed</b>%s" % (
+                      failed, " (%d interrupted: they run again)" % interrupted
+                      if interrupted else "") if failed else "0 failed",
                   "%d %s" % (not_run, "to run" if story.state == "running" else "not run")]
         if outcomes["running"]:
-            counts.append("%d running" % outcomes["running"])
+            counts.append("%d %s" % (outcomes["running"], "running" if story.state == "running"
+                                     else "never recorded as ended"))
         if outcomes["retrying"]:
-            counts.append("%d failed attempts run again" % outcomes["retrying"])
+            counts.append(_plural(outcomes["retrying"], "failed attempt") + " run again")
         if run.get("skipped"):
             counts.append("%d skipped (succeeded before)" % run["skipped"])
         lines = ["<h1>threadward report: %s</h1>" % self.escape(story.project.directory),
@@ -4203,16 +4256,20 @@ vertical-align:-1px}"""
                      _format_duration(story.t1 - story.t0)),
                  "<p>%s, of %d tasks in this run</p>" % (", ".join(counts), run.get("tasks", 0))]
         rows = []
-        for lane in sorted(story.lanes.values(), key=lambda lane: lane.worker):
+        unended = {"running": "running", "gone": "lost with the run"}.get(story.state,
+                                                                          "not recorded")
+        lanes = sorted(story.lanes.values(), key=lambda lane: lane.worker)
+        for lane in lanes[:REPORT_ROWS]:
             up = (lane.exited or story.t1) - (lane.ready or lane.started)
             rows.append([str(lane.worker), ",".join(map(str, lane.gpus)) or "CPU",
-                         self.escape(str(lane.host or "this machine")), str(lane.pid or ""),
+                         self.escape(str(lane.host or run.get("host"))), str(lane.pid or ""),
                          self.escape(self._why(lane)), "+" + _seconds_text(lane.started -
                                                                            story.t0),
                          str(lane.tasks), "%d %%" % min(100, 100 * lane.busy / up)
-                         if up > 0 else "", self.escape(lane.cause or "running")])
-        lines.append(self._table(["worker", "GPUs", "host", "pid", "started as", "at", "tasks",
-                                  "busy", "ended"], rows, numeric=(5, 6, 7)))
+                         if up > 0 else "", self.escape(lane.cause or unended)])
+        lines.append(self._table(["worker", "GPUs", "host", "pid", "started as", "at",
+                                  "attempts", "busy", "ended"], rows, numeric=(5, 6, 7),
+                                 more=max(0, len(lanes) - REPORT_ROWS), what="workers"))
         settings = run.get("settings") or {}
         lines.append("<details><summary>settings (%d)</summary>%s</details>" % (
             len(settings), self._table(["setting", "value"], [
@@ -4221,22 +4278,42 @@ vertical-align:-1px}"""
         return "\n".join(lines)
 
     @staticmethod
+    def _slot(lane):
+        return lane.slot if lane.slot is not None else "worker %s" % lane.worker
+
+    @staticmethod
     def _why(lane):
         return lane.why + (" of worker %s" % lane.replaces if lane.replaces is not None else "")
 
     def timeline(self):
+        """A row per worker slot: a worker and those that replaced it, each
+        drawn from its start to its exit (a sweep of many crashes stays a
+        few rows)."""
         story = self.story
         lanes = sorted(story.lanes)
+        slots = []
+        for worker in lanes:
+            slot = self._slot(story.lanes[worker])
+            if slot not in slots:
+                slots.append(slot)
         top = 18
-        height = top + REPORT_LANE * len(lanes) + 24
-        row = {worker: top + REPORT_LANE * number for number, worker in enumerate(lanes)}
+        height = top + REPORT_LANE * len(slots) + 24
+        row = {worker: top + REPORT_LANE * slots.index(self._slot(story.lanes[worker]))
+               for worker in lanes}
         parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
                  'class="timeline"><defs><pattern id="running" width="6" height="6" '
                  'patternUnits="userSpaceOnUse" patternTransform="rotate(45)">'
-                 '<rect width="3" height="6" fill="#888"/></pattern></defs>'
+                 '<rect width="3" height="6" fill="#fff" fill-opacity=".7"/></pattern></defs>'
                  '<g transform="translate(%d,0)">' % (self.LEFT + REPORT_WIDTH + 20, height,
                                                       self.LEFT)]
         parts += self._axis(top, height - 20)
+        for slot in slots:
+            workers = [w for w in lanes if self._slot(story.lanes[w]) == slot]
+            parts.append('<text x="-8" y="%d" text-anchor="end">worker %s<title>%s</title>'
+                         '</text>' % (row[workers[0]] + REPORT_LANE - 8, workers[-1] if len(
+                             workers) == 1 else "%s+" % workers[0], self.escape(
+                             "workers %s, one after another" % ", ".join(map(str, workers))
+                             if len(workers) > 1 else "worker %s" % workers[0])))
         for worker in lanes:
             parts += self._lane_background(story.lanes[worker], row[worker])
         parts += [self._bar(attempt, row[attempt.worker]) for attempt in story.bars]
@@ -4248,19 +4325,22 @@ vertical-align:-1px}"""
         binned = sum(block.count for block in story.bins.values())
         note = ("%d attempts drawn one by one; %d shorter than %s (%d px here) are drawn "
                 "together: a block per %d px of a worker's lane, coloured by the "
-                "top-level value that took most of its time (red if any failed), paler "
-                "the less of it the worker was busy; hover for their count." % (
+                "top-level value that took most of its time, paler the less of it the "
+                "worker was busy, red from the top by the share that failed; hover for "
+                "their count." % (
                     len(story.bars), binned, _seconds_text(REPORT_MIN_BAR / story.scale),
                     REPORT_MIN_BAR, REPORT_MIN_BAR)) if binned else \
             "%d attempts, each drawn one by one." % len(story.bars)
         return "<h2>Timeline</h2>\n%s\n%s\n<p class=\"muted\">%s Dark: loading (converters). " \
-               "Hatched: still running. Grey: the worker is up and idle. " \
-               "&#9650; worker started, &#9660; removed, &#10005; exited; hover for why.</p>" % (
-                   self._legend(), "".join(parts), note)
+               "Hatched: still running. Grey: the worker is up and idle. A row is a worker " \
+               "and those that replaced it. &#9650; worker started, &#9660; removed, " \
+               "&#10005; exited; hover for why.</p>" % (self._legend(), "".join(parts), note)
 
     def _axis(self, top, bottom):
         span = self.story.t1 - self.story.t0
         step = _nice_step(span, 10)
+        # as many decimals as the step has: 0.5 s, 1.0 s, 1.5 s
+        label = "%%.%df s" % max(0, -math.floor(math.log10(step))) if span < 60 else None
         parts = []
         for number in range(int(span / step + 1e-9) + 1):
             tick = number * step
@@ -4268,14 +4348,13 @@ vertical-align:-1px}"""
             parts.append('<line x1="%.1f" x2="%.1f" y1="%d" y2="%d" stroke="#eee"/>'
                          '<text x="%.1f" y="%d" text-anchor="middle">%s</text>' % (
                              x, x, top - 4, bottom, x, bottom + 14,
-                             _seconds_text(tick) if span < 60 else _format_duration(tick)))
+                             label % tick if label else _format_duration(tick)))
         return parts
 
     def _lane_background(self, lane, y):
         up = lane.ready or lane.started
         middle = y + REPORT_LANE // 2
-        parts = ['<text x="-8" y="%d" text-anchor="end">worker %s</text>' % (
-            y + REPORT_LANE - 8, lane.worker)]
+        parts = []
         if lane.ready is not None:
             parts.append('<line x1="%.1f" x2="%.1f" y1="%d" y2="%d" stroke="#bbb" '
                          'stroke-width="3"><title>worker %s starting: %s</title></line>' % (
@@ -4292,17 +4371,20 @@ vertical-align:-1px}"""
         story = self.story
         end = attempt.end if attempt.end is not None else story.t1
         x, width = self._x(attempt.begin), (end - attempt.begin) * story.scale
-        fill = "url(#running)" if attempt.end is None else REPORT_FAILED if attempt.failed \
-            else story.colour(story.nicknames(attempt.task_id))
+        fill = REPORT_INTERRUPTED if attempt.status == "interrupted" else REPORT_FAILED \
+            if attempt.failed else story.colour(story.nicknames(attempt.task_id))
         inner = ""
         if attempt.load:
             inner = '<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="#000" ' \
                     'fill-opacity=".35"/>' % (x, y + 3, min(attempt.load * story.scale, width),
                                               REPORT_LANE - 6)
-        return '<g class="task"><title>%s</title><rect x="%.1f" y="%d" width="%.1f" ' \
+        if attempt.end is None:
+            inner += '<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="url(#running)"/>' % (
+                x, y + 3, max(width, 0.5), REPORT_LANE - 6)
+        return '<g class="task%s"><title>%s</title><rect x="%.1f" y="%d" width="%.1f" ' \
                'height="%d" fill="%s" stroke="#fff" stroke-width=".5"/>%s</g>' % (
-                   self._describe(attempt), x, y + 3, max(width, 0.5), REPORT_LANE - 6,
-                   fill, inner)
+                   " running" if attempt.end is None else "", self._describe(attempt), x, y + 3,
+                   max(width, 0.5), REPORT_LANE - 6, fill, inner)
 
     def _bin(self, block, number, y):
         width = REPORT_MIN_BAR / self.story.scale
@@ -4310,11 +4392,17 @@ vertical-align:-1px}"""
             block.count, _seconds_text(number * width), _seconds_text((number + 1) * width),
             min(100, round(100 * block.busy / width)),
             ", %d failed (see Failures)" % block.failed if block.failed else "")
-        fill = REPORT_FAILED if block.failed else block.colours.most_common(1)[0][0]
-        return '<rect class="tasks" x="%d" y="%d" width="%d" height="%d" fill="%s" ' \
+        height = REPORT_LANE - 6
+        text = '<rect class="tasks" x="%d" y="%d" width="%d" height="%d" fill="%s" ' \
                'fill-opacity="%.2f"><title>%s</title></rect>' % (
-                   number * REPORT_MIN_BAR, y + 3, REPORT_MIN_BAR, REPORT_LANE - 6, fill,
-                   0.35 + 0.65 * min(1.0, block.busy / width), title)
+                   number * REPORT_MIN_BAR, y + 3, REPORT_MIN_BAR, height,
+                   block.colours.most_common(1)[0][0], 0.35 + 0.65 * min(1.0, block.busy / width),
+                   title)
+        if block.failed:   # red from the top, as tall as the share that failed
+            text += '<rect x="%d" y="%d" width="%d" height="%.1f" fill="%s"/>' % (
+                number * REPORT_MIN_BAR, y + 3, REPORT_MIN_BAR,
+                max(2.0, height * block.failed / block.count), REPORT_FAILED)
+        return text
 
     def _markers(self, lane, y):
         marks = [(lane.started, "&#9650;", "#2e7d32",
@@ -4340,12 +4428,15 @@ vertical-align:-1px}"""
                          % len(story.colours))
         items.append('<span><i class="swatch" style="background:%s"></i>failed</span>'
                      % REPORT_FAILED)
+        if self.story.outcomes["interrupted"]:
+            items.append('<span><i class="swatch" style="background:%s"></i>interrupted '
+                         '(runs again)</span>' % REPORT_INTERRUPTED)
         return '<p class="legend">%s: %s</p>' % (
             self.escape(story.names[0] if story.names else "top level"), "".join(items))
 
     def loads(self):
         story = self.story
-        workers = story.workers_that_ran()
+        workers = story.most_workers_at_once()
         rows = []
         for level, name in enumerate(story.names):
             if level not in story.prefixes:
@@ -4362,9 +4453,11 @@ vertical-align:-1px}"""
             _seconds_text(story.seconds - story.load))
         return ("<h2>Loads</h2>\n<p>%s.</p>\n%s\n<p class=\"muted\">Converter calls per level "
                 "against P + W - 1, where P counts the distinct values of the level and "
-                "those above it among the tasks run, and W = %d the workers that ran them: "
-                "the fewest loads of W workers cutting the sweep into contiguous runs of "
-                "equal-length tasks. A load that failed counts as a call.</p>" % (
+                "those above it among the tasks run, and W = %d the most workers that ran "
+                "them at once: the loads of W workers that cut a sweep of equal-length "
+                "tasks into contiguous runs, which no schedule beats by more than W - 1. "
+                "A run of few tasks, or one stopped early, may need fewer. A load that "
+                "failed counts as a call.</p>" % (
                     share, self._table(["variable", "converter calls", "P", "P + W - 1",
                                         "calls / bound"], rows, numeric=(1, 2, 3, 4)),
                     workers))
@@ -4392,14 +4485,15 @@ vertical-align:-1px}"""
                      '<span class="bad">%d</span>' % stat.failed if stat.failed else "0"]
                     for value, stat in shown]
             parts.append("<h3>%s</h3>%s" % (self.escape(name), self._table(
-                [self.escape(name), "attempts", "mean", "", "mean load", "total", "failed"],
+                [self.escape(name), "attempts", "mean", "", "mean load", "total",
+                 "failed attempts"],
                 rows, numeric=(1, 2, 4, 5, 6), more=more,
                 what="values (the %d slowest are shown)" % REPORT_VALUES)))
         return "\n".join(parts)
 
     def resources(self):
-        samples = self.story.samples
-        workers = sorted({int(w) for _, figures in samples for w in figures})
+        series = self.story.series
+        workers = sorted({worker for lines in series.values() for worker in lines})
         parts = ["<h2>Resources</h2>"]
         if not workers:
             parts.append("<p class=\"muted\">No readings: one is taken every %g s while "
@@ -4415,19 +4509,11 @@ vertical-align:-1px}"""
                                  ("rss", "RAM (RSS of the worker and its children)",
                                   _format_bytes),
                                  ("gpu", "GPU memory", _format_bytes)):
-            parts.append(self._chart(samples, workers, colour, key, title, form))
+            parts.append(self._chart(series[key], workers, colour, title, form))
         return "\n".join(parts)
 
-    def _chart(self, samples, workers, colour, key, title, form):
+    def _chart(self, series, workers, colour, title, form):
         """A line per worker; of several samples in a pixel column, the largest."""
-        series = {}
-        for when, figures in samples:
-            column = int(self._x(when))
-            for worker, values in figures.items():
-                value = values.get(key)
-                if value is not None:
-                    points = series.setdefault(int(worker), collections.OrderedDict())
-                    points[column] = max(points.get(column, value), value)
         if not series:
             return "<h3>%s</h3><p class=\"muted\">no readings</p>" % title
         top = max(max(points.values()) for points in series.values()) or 1
@@ -4459,12 +4545,17 @@ vertical-align:-1px}"""
             return "\n".join(parts)
         import urllib.parse
         rows = []
-        for task_id, attempts in story.failures.items():
+        # the tasks that failed in the end first, then those a retry saved
+        listed = sorted(story.failures.items(), key=lambda item: not item[1][-1].failed)
+        for task_id, attempts in listed:
             final = attempts[-1]
             reason = next(a.reason for a in reversed(attempts) if a.failed)
             outcome = {"succeeded": "succeeded on attempt %d" % final.attempt,
                        "running": "running attempt %d" % final.attempt,
-                       "retrying": "retrying"}.get(final.status, final.status)
+                       "interrupted": "interrupted (runs again)",
+                       "retrying": "retrying" if story.state == "running" else
+                                   "not run again (the run stopped)"}.get(final.status,
+                                                                          final.status)
             log = os.path.relpath(os.path.join(story.folder(task_id), Task.LOG_NAME),
                                   self.report_dir)
             rows.append(['<a href="%s">%s</a>' % (self.escape(urllib.parse.quote(log)),
@@ -6849,7 +6940,7 @@ def main(argv=None):
         _stderr("error: %s" % exc)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        _stderr("interrupted before any task ran")
+        _stderr("interrupted before any task ran" if args.command == "run" else "interrupted")
         return 130
     except BrokenPipeError:
         # `threadward run --dry-run | head`: the reader left; so do we, quietly.

@@ -160,9 +160,9 @@ def test_the_timeline_has_a_lane_per_worker_and_a_bar_per_attempt(sweep):
     assert len(ends) == 8
     timeline = page.body.all("svg", "timeline")[0]
     assert len(timeline.all("rect", "lane")) == 2
-    labels = [text.content() for text in timeline.all("text") if text.content().startswith(
-        "worker ")]
-    assert labels == ["worker 0", "worker 1"]
+    labels = [text.children[0] for text in timeline.all("text")
+              if text.children[0].startswith("worker ")]
+    assert labels == ["worker 0", "worker 1"]   # a row each: none replaced another
     bars = page.bars()
     assert len(bars) == len(ends)   # 8 short-ish tasks in a short run: each its own bar
     titles = sorted(bar.title().split("\n")[0] for bar in bars)
@@ -207,8 +207,9 @@ def test_failures_link_each_task_log(sweep):
     project, _, page = sweep
     rows = page.table_after("Failures")
     assert rows[0] == ["task (its task.log)", "outcome", "attempts", "reason"]
-    assert rows[1:] == [["a/1", "succeeded on attempt 2", "2", "ValueError: diverged"],
-                        ["b/2", "failed", "2", "RuntimeError: out of patience"]]
+    # the failed first, then those a retry saved
+    assert rows[1:] == [["b/2", "failed", "2", "RuntimeError: out of patience"],
+                        ["a/1", "succeeded on attempt 2", "2", "ValueError: diverged"]]
     links = {a.content(): a.attrs["href"] for a in page.body.all("a")}
     assert sorted(links) == ["a/1", "b/2"]
     for task_id, href in links.items():
@@ -285,16 +286,18 @@ def setup_variable_set(variable_set):
         text = page.text()
         assert "running; this page shows it as of" in text
         assert "0 succeeded, 0 failed, 2 to run, 2 running, of 4 tasks" in text
-        running = [bar for bar in page.bars() if bar.all("rect")[0].attrs["fill"] ==
-                   "url(#running)"]
+        running = page.body.all("g", "running")
         assert len(running) == 2
+        # each its value's colour under the hatching
+        assert [[rect.attrs["fill"] for rect in bar.all("rect")][-1] for bar in running] == \
+            ["url(#running)"] * 2
         assert sorted(bar.title().split("\n")[0] for bar in running) == ["1", "2"]
         open(gate, "w").close()
         process.communicate(timeout=120)
     assert process.returncode == 0
     page = Page(os.path.join(project.config, "report.html"))
     assert "4 succeeded, 0 failed, 0 not run" in page.text()
-    assert "url(#running)" not in page.source
+    assert not page.body.all("g", "running")
 
 
 def test_a_run_killed_without_its_end_line_reads_as_gone(project):
@@ -311,7 +314,28 @@ def test_a_run_killed_without_its_end_line_reads_as_gone(project):
     page = Page(threadward.report(project.dir))
     text = page.text()
     assert "ended without its last line: the main process (%d) is gone" % process.pid in text
+    assert "1 never recorded as ended" in text
     assert len(page.bars()) == 1   # the task it was running, drawn to the record's last write
+    workers = page.body.all("table")[0].all("tr")
+    assert workers[1].elements()[-1].content() == "lost with the run"
+
+
+def test_interrupted_attempts_are_told_apart_from_failures(project):
+    gate = os.path.join(project.dir, "gate")   # never opened: SIGTERM ends the task
+    project.write(task=GATED_TASK % gate + "SIGTERM_GRACE = 0\n",
+                  resources="NUM_WORKERS = 1\n")
+    with started(project) as process:
+        wait_for(lambda: os.path.exists(os.path.join(project.queue, "events.jsonl")) and
+                 of_kind(events(project), "start"))
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
+    page = Page(os.path.join(project.config, "report.html"))
+    text = page.text()
+    assert "1 failed (1 interrupted: they run again)" in text
+    assert "interrupted (runs again)" in page.body.all("p", "legend")[0].content()
+    bar, = page.bars()
+    assert bar.all("rect")[0].attrs["fill"] == threadward.REPORT_INTERRUPTED
+    assert page.table_after("Failures")[1][1] == "interrupted (runs again)"
 
 
 def test_a_dead_worker_and_its_replacement_are_marked(project):
@@ -335,6 +359,12 @@ def task_method(variables, task_folder, log_file):
     workers = page.body.all("table")[0].all("tr")
     started_as = [row.elements()[4].content() for row in workers[1:]]
     assert started_as == ["start", "replace of worker 0"]
+    # one row: the replacement draws where the worker it replaced did
+    timeline = page.body.all("svg", "timeline")[0]
+    rows = {rect.attrs["y"] for rect in timeline.all("rect", "lane")}
+    assert len(timeline.all("rect", "lane")) == 2 and len(rows) == 1
+    label = next(text for text in timeline.all("text") if text.children[0].startswith("worker"))
+    assert label.title() == "workers 0, 1, one after another"
 
 
 def test_ids_that_do_not_spell_the_values_are_read_from_the_task_list(project):
