@@ -1970,6 +1970,12 @@ class _Project:
     def path(self, filename):
         return os.path.join(self.config_dir, filename)
 
+    def check_folder(self):
+        """Before reading a project's files (`results`, `report`): it has one."""
+        if not os.path.isdir(self.config_dir):
+            raise ThreadwardError("%s has no threadward/ folder; give the project directory "
+                                  "(the one holding threadward/)" % _display_path(self.directory))
+
     def _source(self, filename):
         """Where the settings of ``filename`` come from, for their errors."""
         return self.call_site or self.path(filename)
@@ -3577,9 +3583,7 @@ def _result_rows(directory):
 
 
 def _read_task_list(project):
-    if not os.path.isdir(project.config_dir):
-        raise ThreadwardError("%s has no threadward/ folder; give the project directory (the "
-                              "one holding threadward/)" % _display_path(project.directory))
+    project.check_folder()
     path = os.path.join(project.queue_dir, "all_tasks.json")
     try:
         with open(path, "rb") as stream:
@@ -4097,11 +4101,10 @@ class _RunStory:
         attempts = self.failures.get(attempt.task_id)
         if attempts is not None:
             attempts.append(attempt)
+        elif len(self.failures) < REPORT_ROWS:
+            self.failures[attempt.task_id] = [attempt]
         else:
-            if len(self.failures) < REPORT_ROWS:
-                self.failures[attempt.task_id] = [attempt]
-            else:
-                self.failures_left_out += 1
+            self.failures_left_out += 1
 
     def most_workers_at_once(self):
         """The most workers that ran tasks at the same time."""
@@ -4122,9 +4125,7 @@ def report(directory=".", path=None):
     to ``path`` (default: threadward/report.html) and return its path.
     Reads only files, and works while a run goes on."""
     project = _Project(directory)
-    if not os.path.isdir(project.config_dir):
-        raise ThreadwardError("%s has no threadward/ folder; give the project directory (the "
-                              "one holding threadward/)" % _display_path(project.directory))
+    project.check_folder()
     story = _RunStory.read(project)
     if story is None:
         raise ThreadwardError("%s records no run yet; `threadward run` first" % _display_path(

@@ -100,16 +100,20 @@ class Page:
     def text(self):
         return " ".join(self.body.content().split())
 
-    def table_after(self, heading):
-        """The rows (cell texts) of the first table after the <h2>/<h3> ``heading``."""
+    def after(self, heading, tag):
+        """The first <tag> after the <h2>/<h3> ``heading``."""
         seen = False
         for element in self.body.all():
             if element.tag in ("h2", "h3") and element.content() == heading:
                 seen = True
-            elif seen and element.tag == "table":
-                return [[" ".join(cell.content().split()) for cell in row.elements()]
-                        for row in element.all("tr")]
-        raise AssertionError("no table after %r" % heading)
+            elif seen and element.tag == tag:
+                return element
+        raise AssertionError("no <%s> after %r" % (tag, heading))
+
+    def table_after(self, heading):
+        """The rows (cell texts) of the first table after the <h2>/<h3> ``heading``."""
+        return [[" ".join(cell.content().split()) for cell in row.elements()]
+                for row in self.after(heading, "table").all("tr")]
 
     def bars(self):
         return self.body.all("g", "task")
@@ -298,6 +302,29 @@ def setup_variable_set(variable_set):
     page = Page(os.path.join(project.config, "report.html"))
     assert "4 succeeded, 0 failed, 0 not run" in page.text()
     assert not page.body.all("g", "running")
+
+
+def test_resources_draw_a_line_per_worker_from_the_samples(project):
+    gate = os.path.join(project.dir, "gate")
+    project.write(task=GATED_TASK % gate, resources="NUM_WORKERS = 2\n")
+    with started(project) as process:
+        wait_for(lambda: os.path.exists(os.path.join(project.queue, "events.jsonl")) and len(
+            of_kind(events(project), "sample")) >= 2)
+        open(gate, "w").close()
+        process.communicate(timeout=120)
+    assert process.returncode == 0
+    samples = of_kind(events(project), "sample")
+    page = Page(os.path.join(project.config, "report.html"))
+    ram = page.after("RAM (RSS of the worker and its children)", "svg")
+    lines = ram.all("polyline")
+    assert sorted(line.title() for line in lines) == ["worker 0", "worker 1"]
+    # a point per sample that named the worker (each in its own pixel column here)
+    for line in lines:
+        worker = line.title().split()[1]
+        named = [sample for sample in samples if worker in sample["workers"]]
+        assert len(line.attrs["points"].split()) == len(named)
+    top = max(figures["rss"] for sample in samples for figures in sample["workers"].values())
+    assert threadward._format_bytes(top) in ram.content()   # the axis is the largest reading
 
 
 def test_a_run_killed_without_its_end_line_reads_as_gone(project):
