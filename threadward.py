@@ -2993,11 +2993,25 @@ def _tree_usage(psutil, pids, known):
             process = known.get(pid)
             if process is None:
                 process = known[pid] = psutil.Process(pid)
-            cpu += process.cpu_percent(None)
+                cpu += _lifetime_cpu_percent(process)
+                process.cpu_percent(None)   # the baseline of the next sample
+            else:
+                cpu += process.cpu_percent(None)
             rss += process.memory_info().rss
         except psutil.Error:
             known.pop(pid, None)
     return int(round(cpu)), int(rss)
+
+
+def _lifetime_cpu_percent(process):
+    """CPU % of a process first seen now, over its life so far.  Its first
+    cpu_percent(None) has no interval to measure and says 0.0: a worker busy
+    since it started, or a DataLoader worker forked since the last sample,
+    would read idle.  (create_time has a clock tick's resolution: a process
+    younger than 0.1 s is taken as 0.1 s old rather than read at 10 x.)"""
+    times = process.cpu_times()
+    age = max(time.time() - process.create_time(), 0.1)
+    return 100.0 * (times.user + times.system) / age
 
 
 def _update_stat(stats, name, value):

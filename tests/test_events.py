@@ -218,3 +218,25 @@ def task_method(variables, task_folder, log_file):
     assert sorted(last) == ["0", "1"]
     for figures in last.values():
         assert figures["rss"] > 1 << 20 and figures["cpu"] >= 0 and figures["gpu"] is None
+
+
+def test_the_first_sample_of_a_busy_worker_reads_busy(project):
+    # psutil's first cpu_percent of a process has nothing to measure against
+    # and says 0.0; the first sample is the worker's CPU over its life so far.
+    project.write(task="""
+import os
+EVENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "task_queue", "events.jsonl")
+
+
+def task_method(variables, task_folder, log_file):
+    while '"event": "sample"' not in open(EVENTS).read():   # busy until sampled
+        pass
+""", resources="NUM_WORKERS = 1\n", variables="""
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="x", values=[0])
+""")
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    first = of_kind(events(project), "sample")[0]["workers"]["0"]
+    # the worker spun from its first task to this sample, after its start
+    assert first["cpu"] >= 20, first
