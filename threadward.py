@@ -3233,8 +3233,9 @@ class _Ledger:
                 first), "workers" (starting), "gpus"
         worker  "worker" (its ID), "state": "start" ("slot", "gpus", "why":
                 start | add | replace (with "replaces") | retry), "ready"
-                ("pid", "host"), "remove" (the console's), "exit" ("cause",
-                "code")
+                ("pid", "host"), "remove" (the console's), "stop" (told to
+                shut down: nothing left for it, or the run stops), "exit"
+                ("cause", "code")
         hand    a task sent to a worker: "id", "worker", "queued" (behind
                 the one it is running)
         start   it begins there: "id", "worker", "attempt" (as this process
@@ -3837,13 +3838,13 @@ class _Lane:
     """A worker's life in the run, from its "worker" events, and what it ran."""
 
     __slots__ = ("worker", "slot", "gpus", "why", "replaces", "started", "ready", "pid",
-                 "host", "removed", "exited", "cause", "code", "tasks", "busy")
+                 "host", "removed", "stopped", "exited", "cause", "code", "tasks", "busy")
 
     def __init__(self, event):
         self.worker, self.started = event.get("worker"), event.get("time")
         self.slot, self.gpus = event.get("slot"), event.get("gpus") or []
         self.why, self.replaces = event.get("why") or "start", event.get("replaces")
-        self.ready = self.pid = self.host = self.removed = self.exited = None
+        self.ready = self.pid = self.host = self.removed = self.stopped = self.exited = None
         self.cause = self.code = None
         self.tasks, self.busy = 0, 0.0
 
@@ -4006,6 +4007,8 @@ class _RunStory:
             lane.ready, lane.pid, lane.host = event["time"], event.get("pid"), event.get("host")
         elif state == "remove":
             lane.removed = event["time"]
+        elif state == "stop":
+            lane.stopped = event["time"]
         elif state == "exit":
             lane.exited, lane.cause, lane.code = event["time"], event.get("cause"), \
                 event.get("code")
@@ -4275,7 +4278,8 @@ vertical-align:-1px}"""
                                                                           "not recorded")
         lanes = sorted(story.lanes.values(), key=lambda lane: lane.worker)
         for lane in lanes[:REPORT_ROWS]:
-            up = (lane.exited or story.t1) - (lane.ready or lane.started)
+            # busy: of the time it could take tasks, from ready to told to stop
+            up = (lane.stopped or lane.exited or story.t1) - (lane.ready or lane.started)
             rows.append([str(lane.worker), ",".join(map(str, lane.gpus)) or "CPU",
                          self.escape(str(lane.host or run.get("host"))), str(lane.pid or ""),
                          self.escape(self._why(lane)), "+" + _seconds_text(lane.started -
@@ -4347,7 +4351,8 @@ vertical-align:-1px}"""
                     REPORT_MIN_BAR, REPORT_MIN_BAR)) if binned else \
             "%d attempts, each drawn one by one." % len(story.bars)
         return "<h2>Timeline</h2>\n%s\n%s\n<p class=\"muted\">%s Dark: loading (converters). " \
-               "Hatched: still running. Grey: the worker is up and idle. A row is a worker " \
+               "Hatched: still running. Grey: the worker is up and idle; a grey line: " \
+               "starting, or shutting down (after_each_worker and the exit). A row is a worker " \
                "and those that replaced it. &#9650; worker started, &#9660; removed, " \
                "&#10005; exited; hover for why.</p>" % (self._legend(), "".join(parts), note)
 
@@ -4371,15 +4376,22 @@ vertical-align:-1px}"""
         middle = y + REPORT_LANE // 2
         parts = []
         if lane.ready is not None:
-            parts.append('<line x1="%.1f" x2="%.1f" y1="%d" y2="%d" stroke="#bbb" '
-                         'stroke-width="3"><title>worker %s starting: %s</title></line>' % (
+            parts.append('<line class="starting" x1="%.1f" x2="%.1f" y1="%d" y2="%d" '
+                         'stroke="#bbb" stroke-width="3"><title>worker %s starting: %s'
+                         '</title></line>' % (
                              self._x(lane.started), self._x(up), middle, middle, lane.worker,
                              _seconds_text(up - lane.started)))
         end = lane.exited if lane.exited is not None else self.story.t1
+        idle_until = min(lane.stopped, end) if lane.stopped is not None else end
         parts.append('<rect class="lane" x="%.1f" y="%d" width="%.1f" height="%d" '
                      'fill="#f0f0f0"/>' % (self._x(up), y + 2,
-                                           max((end - up) * self.story.scale, 0.5),
+                                           max((idle_until - up) * self.story.scale, 0.5),
                                            REPORT_LANE - 4))
+        if idle_until < end:
+            parts.append('<line class="stopping" x1="%.1f" x2="%.1f" y1="%d" y2="%d" '
+                         'stroke="#bbb" stroke-width="3"><title>worker %s shutting down: %s'
+                         '</title></line>' % (self._x(idle_until), self._x(end), middle, middle,
+                                              lane.worker, _seconds_text(end - idle_until)))
         return parts
 
     def _bar(self, attempt, y):
@@ -5739,7 +5751,7 @@ class Threadward:
         free = []
         for worker in idle:
             if self._stopping or worker.retiring:
-                worker.shut_down()
+                self._shut_down(worker)
             else:
                 free.append(worker.worker_id)
         # A worker may wait for a task worth its load only while another
@@ -5750,12 +5762,16 @@ class Threadward:
             if indices is not None:
                 self._hand(worker, indices)
             elif not len(self.scheduler) and not self._take_back_queued():
-                worker.shut_down()   # nothing left, here or queued elsewhere
+                self._shut_down(worker)   # nothing left, here or queued elsewhere
         for worker in workers:
             if worker.state == Worker.BUSY and self._queues_ahead(worker):
                 indices = self.scheduler.assign(worker.worker_id, ahead=True)
                 if indices is not None:
                     self._hand(worker, indices)
+
+    def _shut_down(self, worker):
+        self._ledger.note("worker", worker=worker.worker_id, state="stop")
+        worker.shut_down()
 
     def _hand(self, worker, indices):
         task = _task_of(self.project, indices)

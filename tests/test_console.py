@@ -460,7 +460,7 @@ def test_remove_runs_after_each_worker_and_the_worker_takes_no_further_task(proj
     assert state(project, "worker_0_finished") is not None
     record = worker_events(project)
     assert [e["state"] for e in record if e["worker"] == 1] == ["start", "ready", "remove",
-                                                                "exit"]
+                                                                "stop", "exit"]
     assert {e["worker"]: (e["cause"], e["code"]) for e in record if e["state"] == "exit"} == \
         {0: ("shut down", 0), 1: ("shut down", 0)}
 

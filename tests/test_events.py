@@ -78,11 +78,13 @@ def test_a_run_records_its_header_workers_tasks_and_end(project):
     workers = of_kind(record, "worker")
     for worker_id in (0, 1):
         mine = [e for e in workers if e["worker"] == worker_id]
-        assert [e["state"] for e in mine] == ["start", "ready", "exit"]
+        assert [e["state"] for e in mine] == ["start", "ready", "stop", "exit"]
         assert (mine[0]["why"], mine[0]["slot"], mine[0]["replaces"]) == ("start", worker_id,
                                                                           None)
         assert mine[1]["pid"] > 0
-        assert (mine[2]["cause"], mine[2]["code"]) == ("shut down", 0)
+        assert (mine[3]["cause"], mine[3]["code"]) == ("shut down", 0)
+        assert mine[2]["time"] >= max(e["time"] for e in of_kind(record, "task")
+                                      if e["worker"] == worker_id)   # after its last task
 
     # every attempt: handed out, started, ended, on one worker, in that order
     ends = of_kind(record, "task")
@@ -140,10 +142,11 @@ def test_a_worker_that_dies_is_recorded_with_its_cause_and_its_replacement(proje
     assert result.returncode == 0, result.stdout + result.stderr
     workers = of_kind(events(project), "worker")
     assert [(e["worker"], e["state"]) for e in workers] == [
-        (0, "start"), (0, "ready"), (0, "exit"), (1, "start"), (1, "ready"), (1, "exit")]
+        (0, "start"), (0, "ready"), (0, "exit"),   # it died: never told to stop
+        (1, "start"), (1, "ready"), (1, "stop"), (1, "exit")]
     assert (workers[2]["cause"], workers[2]["code"]) == ("worker 0 exited with code 3", 3)
     assert (workers[3]["why"], workers[3]["replaces"]) == ("replace", 0)
-    assert workers[5]["cause"] == "shut down"
+    assert workers[6]["cause"] == "shut down"
 
 
 def test_a_stopped_run_says_why_in_its_end_and_a_failed_start_is_an_exit(project):

@@ -179,6 +179,16 @@ def test_the_timeline_has_a_lane_per_worker_and_a_bar_per_attempt(sweep):
     # the tasks that loaded have a dark part, as long as their load
     loading = [bar for bar in bars if len(bar.all("rect")) == 2]
     assert len(loading) == sum(1 for end in ends if end.get("converted"))
+    # a grey line each for starting and, told to stop, shutting down; the
+    # idle lane between them ends where the shutting down begins
+    for kind, doing in (("starting", "starting"), ("stopping", "shutting down")):
+        lines = timeline.all("line", kind)
+        assert sorted(line.title().split(":")[0] for line in lines) == [
+            "worker 0 %s" % doing, "worker 1 %s" % doing]
+    for lane, line in zip(timeline.all("rect", "lane"), timeline.all("line", "stopping")):
+        end = float(lane.attrs["x"]) + float(lane.attrs["width"])
+        assert abs(end - float(line.attrs["x1"])) < 0.2 and \
+            float(line.attrs["x2"]) > float(line.attrs["x1"])
     # the two workers' markers: started (and why), exited (and why)
     marks = [text.title() for text in timeline.all("text", "marker")]
     assert marks == ["worker 0 started (start)", "worker 0 exited: shut down",
