@@ -2984,10 +2984,12 @@ def _compute_apps(output):
 
 
 def _tree_usage(psutil, pids, known):
-    """(CPU %, RSS bytes) summed over ``pids``.  ``known`` keeps the
+    """(CPU %, RSS bytes) summed over ``pids``, or (None, None) where none
+    could be read (the worker is exiting: not 0 bytes).  ``known`` keeps the
     psutil.Process of each PID between samples: cpu_percent measures since
     the previous call on the same object."""
     cpu = rss = 0.0
+    read = False
     for pid in pids:
         try:
             process = known.get(pid)
@@ -2998,9 +3000,10 @@ def _tree_usage(psutil, pids, known):
             else:
                 cpu += process.cpu_percent(None)
             rss += process.memory_info().rss
+            read = True
         except psutil.Error:
             known.pop(pid, None)
-    return int(round(cpu)), int(rss)
+    return (int(round(cpu)), int(rss)) if read else (None, None)
 
 
 def _lifetime_cpu_percent(process):
@@ -4935,7 +4938,8 @@ def _worker_table(workers, is_waiting):
         lines.append(row % (
             worker.worker_id, worker.where()[:where_width], ",".join(worker.gpus)[:7] or "-",
             state[:state_width],
-            "%s/%s" % (stats.get("cpu", "?"), stats.get("cpu_max", "?")),
+            "%s/%s" % tuple("?" if stats.get(name) is None else stats[name]
+                            for name in ("cpu", "cpu_max")),
             "%s/%s" % (_format_bytes(stats.get("rss")), _format_bytes(stats.get("rss_max"))),
             "%s/%s" % (_format_bytes(stats.get("gpu")), _format_bytes(stats.get("gpu_max")))
             if worker.gpus else "-"))
