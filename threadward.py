@@ -658,15 +658,39 @@ def _pool_pids():
     refers to (the workers of a Pool, a ProcessPoolExecutor, a DataLoader,
     joblib's loky executor; a Process kept in a variable), and the resource
     trackers and forkserver those libraries reuse."""
-    pids = set()
+    pids = _helper_pids()
     process = sys.modules.get("multiprocessing.process")
     if process is not None:
         pids.update(p.pid for p in _referenced_elsewhere(process._children) if p.pid)
-    for module_name, holder, attribute in _POOL_HELPERS:
-        pid = getattr(getattr(sys.modules.get(module_name), holder, None), attribute, None)
-        if isinstance(pid, int):
-            pids.add(pid)
     return pids
+
+
+def _pool_helpers():
+    """The resource trackers and forkserver of the modules imported so far."""
+    for module_name, holder, attribute in _POOL_HELPERS:
+        helper = getattr(sys.modules.get(module_name), holder, None)
+        if isinstance(getattr(helper, attribute, None), int):
+            yield helper, attribute
+
+
+def _helper_pids():
+    """PIDs of the resource trackers and forkserver: the process's, not any
+    one value's or task's (whoever started them, every later user reuses them)."""
+    return {getattr(helper, attribute) for helper, attribute in _pool_helpers()}
+
+
+def _close_trackers():
+    """A resource tracker ignores SIGTERM: it exits, unlinking the shared
+    memory and semaphores left registered with it, when the last holder of
+    its pipe closes it.  Close ours (the process is exiting)."""
+    for helper, _ in _pool_helpers():
+        fd = getattr(helper, "_fd", None)
+        if isinstance(fd, int):   # (the forkserver has none: SIGTERM ends it)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            helper._fd = None
 
 
 ###############################################################################
@@ -6072,7 +6096,7 @@ class _Children:
 
     def drop_value(self, name):
         """The value of ``name`` is dropped: end what its converter started."""
-        pids = self.of_value.pop(name, set()) & _child_pids()
+        pids = (self.of_value.pop(name, set()) - _helper_pids()) & _child_pids()
         if pids:
             _end_processes(pids)
 
@@ -6090,6 +6114,7 @@ class _Children:
         """(The last exit handler: the user's and multiprocessing's have run.)
         Nothing of the worker's tree outlives it."""
         if os.getpid() == self.pid and _has_children():
+            _close_trackers()   # so that they end themselves, cleaning up, as they would
             _end_processes(_child_pids())
 
 

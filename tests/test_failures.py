@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 from conftest import read_until, sigterm_task_zero, wait_for
 
@@ -239,6 +240,57 @@ def task_method(variables, task_folder, log_file):
         return not [p for p in recorded if psutil.pid_exists(p) and
                     psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     wait_for(all_gone, message="the children the tasks left to be ended")
+
+
+def shm_names(prefix):
+    return sorted(name for name in os.listdir("/dev/shm") if name.startswith(prefix))
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm to look in")
+def test_the_resource_tracker_ends_itself_and_unlinks_what_tasks_left(project):
+    # multiprocessing's resource tracker ignores SIGTERM; it exits when the
+    # worker closes its pipe, unlinking the shared memory left registered.
+    # Ended like a stray it was SIGKILLed after KILL_WAIT (each worker's exit
+    # took 5 s more) and the segments stayed in /dev/shm.
+    prefix = "tw_test_%d_" % os.getpid()
+    project.write(task="""
+from multiprocessing import shared_memory
+def task_method(variables, task_folder, log_file):
+    shared_memory.SharedMemory(create=True, size=4096, name=%r + str(variables["x"]))
+""" % prefix, variables=VARIABLES, resources="NUM_WORKERS = 2\n")
+    try:
+        result = project.run()
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert shm_names(prefix) == []
+    finally:
+        for name in shm_names(prefix):
+            os.unlink(os.path.join("/dev/shm", name))
+
+
+def test_a_tracker_started_by_a_converter_outlives_its_value(project):
+    # The tracker serves every later user in the worker: dropping the value
+    # whose converter happened to start it must not end it.
+    pids = os.path.join(project.dir, "trackers")
+    project.write(task="""
+import os
+from multiprocessing import resource_tracker
+def task_method(variables, task_folder, log_file):
+    with open(%r, "a") as stream:
+        stream.write("%%d\\n" %% resource_tracker._resource_tracker._pid)
+""" % pids, resources="NUM_WORKERS = 1\n", variables="""
+from multiprocessing import resource_tracker
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="model", values=["a", "b", "c"])
+    variable_set.add_variable(name="x", values=[0, 1])
+def model_to_value(string_value, nickname):
+    resource_tracker.ensure_running()   # as a library's first shared memory would
+    return string_value
+""")
+    result = project.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(pids) as stream:
+        seen = stream.read().split()
+    assert len(seen) == 6 and len(set(seen)) == 1, seen   # one tracker, never relaunched
 
 
 def test_task_closing_its_stdin_and_stdout_does_not_break_the_worker(project):
