@@ -401,11 +401,12 @@ def _atomic_write(path, text):
     os.replace(temporary, path)
 
 
-def _open_log(path):
-    """A log opened afresh, never through a symbolic link planted at its
-    name (that would truncate the link's target): such a link is replaced.
-    A task folder that is itself a link (to scratch storage) is fine."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
+def _open_log(path, go_on=False):
+    """A log opened afresh (or, ``go_on``, to write after what it holds),
+    never through a symbolic link planted at its name (that would truncate
+    the link's target): such a link is replaced.  A task folder that is
+    itself a link (to scratch storage) is fine."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | (0 if go_on else os.O_TRUNC)
     try:
         return os.open(path, flags, 0o666)
     except OSError as exc:
@@ -740,12 +741,13 @@ def _encode(op, **fields):
     return (_json_text(message) + "\n").encode()
 
 
-def _encode_task(task, variable_texts):
+def _encode_task(task, variable_texts, attempt=1):
     """The line that hands ``task`` to a worker; ``variable_texts`` are its
-    variables as TASK_VARIABLE texts."""
-    return ('{"op":"task","id":%s,"folder":%s,"log":%s,"vars":[%s]}\n' % (
+    variables as TASK_VARIABLE texts.  A retry says which attempt it is
+    ("attempt", from 2): its log goes on after the attempts before."""
+    return ('{"op":"task","id":%s,"folder":%s,"log":%s,%s"vars":[%s]}\n' % (
         _json_text(task.task_id), _json_text(task.folder), _json_text(task.log_file),
-        ",".join(variable_texts))).encode()
+        '"attempt":%d,' % attempt if attempt > 1 else "", ",".join(variable_texts))).encode()
 
 
 def _encode_line(word):
@@ -3597,8 +3599,9 @@ def results(directory="."):
          <each key of the task's result.json>: its value}
 
     ``seconds`` and ``attempts`` are those of the latest run that ran the
-    task (``seconds``: its last attempt); a result key equal to an earlier
-    column is prefixed ``result.``.  ``pandas.DataFrame(results(d))`` is a
+    task (``seconds``: its last attempt); the result keys are what its last
+    attempt saved (none for a task not run); a result key equal to an
+    earlier column is prefixed ``result.``.  ``pandas.DataFrame(results(d))`` is a
     data frame of the sweep.  Reads only files, and works while a run goes
     on (its running tasks show their outcome of the run before, if any)."""
     return [row for row, _ in _result_rows(directory)]
@@ -3618,8 +3621,10 @@ def _result_rows(directory):
             row[name] = declared.get("value")
             nicknames[name] = declared.get("nickname")
         columns = set(row)
-        for key, value in _read_result(os.path.join(project.directory,
-                                                    entry["task_folder"])).items():
+        # A task not run has no result: a file in its folder is of a run before.
+        result = {} if status == "not run" else _read_result(
+            os.path.join(project.directory, entry["task_folder"]))
+        for key, value in result.items():
             row[RESULT_PREFIX + key if key in columns else key] = value
         yield row, nicknames
 
@@ -5805,7 +5810,7 @@ class Threadward:
         task = _task_of(self.project, indices)
         self._ledger.handed(task, worker.worker_id, queued=bool(worker.queue))
         worker.hand(task, _encode_task(task, self.project.variable_set.texts(
-            indices, TASK_VARIABLE)))
+            indices, TASK_VARIABLE), self._ledger.attempt_of(task.task_id)))
 
     def _queues_ahead(self, worker):
         # STOP_EXECUTION: a task queued ahead would start before the failure
@@ -6464,10 +6469,15 @@ class _WorkerProcess:
         self.load_seconds = 0.0
         self.converted = ()
         folder, log_file = message["folder"], message["log"]
+        attempt = message.get("attempt", 1)
         mode = self.project.output_mode
         try:
             _make_folder(folder)
-            log_fd = _open_log(log_file)
+            _remove_result(folder)   # what is there is an earlier attempt's or run's
+            log_fd = _open_log(log_file, go_on=attempt > 1)
+            if attempt > 1:
+                os.write(log_fd, b"\n==== threadward: attempt %d (the attempts before it "
+                                 b"are above) ====\n" % attempt)
         except OSError as exc:
             return self._result(message, False, "cannot create the task folder or log: %s"
                                 % exc, started)
@@ -6637,6 +6647,13 @@ def _save_result(returned, folder):
                         "(%s); return numbers, strings, booleans, None, lists and dicts "
                         "with string keys" % exc) from None
     _atomic_write(os.path.join(folder, "result.json"), text + "\n")
+
+
+def _remove_result(folder):
+    try:
+        os.unlink(os.path.join(folder, "result.json"))
+    except FileNotFoundError:
+        pass
 
 
 def _print_traceback():

@@ -75,6 +75,16 @@ def test_a_task_line_carries_its_variables_as_the_worker_reads_them(tmp_path):
                  ["note", 'quote " and \\ and \u00e9', variables.variables[2].nickname(0)]]}
 
 
+def test_a_retrys_task_line_says_its_attempt(tmp_path):
+    variables = threadward.VariableSet()
+    variables.add_variable(name="x", values=[1])
+    task = threadward.Task("1", (0,), str(tmp_path / "1"))
+    texts = list(variables.texts((0,), threadward.TASK_VARIABLE))
+    assert "attempt" not in _decode(one_line(_encode_task(task, texts)))
+    assert "attempt" not in _decode(one_line(_encode_task(task, texts, 1)))
+    assert _decode(one_line(_encode_task(task, texts, 3)))["attempt"] == 3
+
+
 def test_cancel_and_shut_down_are_bare_words():
     assert _encode_line(threadward.CANCEL) == b"CANCEL\n"
     assert _encode_line(threadward.SHUT_DOWN) == b"SHUT_DOWN\n"

@@ -127,6 +127,29 @@ def test_results_has_a_row_per_task_in_generation_order(project):
     assert all(type(row) is dict for row in rows)
 
 
+def test_a_rerun_leaves_no_result_of_the_run_before_in_the_table(project):
+    """--fresh after a sweep that succeeded: a task that fails now has no
+    result (its old result.json is removed as it starts), and those that
+    STOP_EXECUTION left unrun show none (their folders keep the old files)."""
+    project.write(task="""
+def task_method(variables, task_folder, log_file):
+    return {"score": variables["x"]}
+""", variables=ONE_VARIABLE)
+    assert project.run().returncode == 0
+    assert [row["score"] for row in threadward.results(project.dir)] == [0, 1, 2]
+    project.write(task="""
+def task_method(variables, task_folder, log_file):
+    raise ValueError("broken now")
+""", variables='FAILURE_HANDLING = "STOP_EXECUTION"\n' + ONE_VARIABLE,
+                  resources="NUM_WORKERS = 1\n")
+    assert project.run("--fresh").returncode == 1
+    rows = threadward.results(project.dir)
+    assert [row["status"] for row in rows] == ["failed", "not run", "not run"]
+    assert all("score" not in row for row in rows), rows
+    assert not os.path.exists(os.path.join(project.outputs, "0", "result.json"))
+    assert os.path.exists(os.path.join(project.outputs, "1", "result.json"))   # not touched
+
+
 def test_what_a_task_returns_that_is_not_a_dict_of_json_values(project):
     """Anything else is not saved (and the task still succeeds: it said so in
     its log); a dict that JSON cannot hold fails the task with the reason;
@@ -359,6 +382,20 @@ def test_a_task_that_fails_twice_then_succeeds_with_two_retries(project):
     # `show` counts them too (its last view, in status.json)
     with open(os.path.join(project.queue, "status.json")) as stream:
         assert "; 2 retries" in json.load(stream)["show"]
+
+
+def test_a_retried_tasks_log_keeps_every_attempt_and_a_new_run_starts_it_afresh(project):
+    project.write(task=counted(retries=2, failures=2), variables=ONE_VARIABLE)
+    assert project.run().returncode == 0
+    log = project.output("0", "task.log")
+    marks = [log.index(text) for text in (
+        "ValueError: attempt 1", "==== threadward: attempt 2", "ValueError: attempt 2",
+        "==== threadward: attempt 3")]
+    assert marks == sorted(marks), log   # in the order they ran
+    assert log.count("Traceback") == 2 and "attempt 4" not in log
+    assert "==== threadward" not in project.output("1", "task.log")   # one attempt: as before
+    assert project.run("--fresh").returncode == 0   # attempt 4 succeeds at once
+    assert "==== threadward" not in project.output("0", "task.log")
 
 
 def test_a_task_that_always_fails_is_failed_after_retries_plus_one_attempts(project):
