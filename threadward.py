@@ -1870,10 +1870,13 @@ def _slip(name, setting):
 
 def _check_setting_names(path):
     """A known setting in the wrong file, or a misspelled one, would be
-    ignored without a word; the user's own constants (DATA_DIR) are fine."""
+    ignored without a word; the user's own constants (DATA_DIR) are fine.
+    A name a word off a setting (TIMEOUT, MAX_RETRIES) may be either: a
+    note each (returned), not an error."""
     filename = os.path.basename(path)
     assigned = _assigned_names(path)
     present = {name for name, _ in assigned}
+    notes = []
     for name, line in assigned:
         if not name.isupper() or name.startswith("_") or name in SETTINGS[filename]:
             continue
@@ -1891,6 +1894,25 @@ def _check_setting_names(path):
                     raise ConfigError("%s is not a setting; did you mean %s?%s" % (
                         name, setting, "" if other == filename else " (it belongs in %s)"
                         % other), where)
+        near = ["%s%s" % (setting, "" if other == filename else ", in " + other)
+                for other, names in SETTINGS.items() for setting in names
+                if _a_word_off(name, setting, setting in present)]
+        if near:
+            notes.append("note: %s: %s is not a setting and does nothing; did you mean %s? "
+                         "(if %s is your own constant, ignore this)" % (
+                             where, name, " or ".join(near), name))
+    return notes
+
+
+def _a_word_off(name, setting, setting_too):
+    """RETRY for RETRIES; TIMEOUT for TASK_TIMEOUT (a word left out) where
+    the setting is not also assigned (``setting_too``: OUTPUT beside
+    OUTPUT_MODE is a constant of the user's, as a word more is: MAX_RETRIES)."""
+    def stem(word):
+        return word.rstrip("S").replace("IE", "Y")
+    if stem(name) == stem(setting):
+        return True
+    return not setting_too and (setting.startswith(name + "_") or setting.endswith("_" + name))
 
 
 def _check_hooks(module, path, names):
@@ -1992,6 +2014,7 @@ class _Project:
         self.call_site = sweep.call_site if sweep is not None else None
         self.workers_read_spec = False   # sweep.json was written: workers import from it
         self.imported_converters = {}    # (a worker) the to_value functions of sweep.json
+        self.notes = []                  # what load() saw that is likely a slip, not an error
 
     def path(self, filename):
         return os.path.join(self.config_dir, filename)
@@ -2051,9 +2074,24 @@ class _Project:
         constraints = _load_user_module(self.path("resource_constraints.py"),
                                         "resource_constraints")
         for filename in CONFIG_FILES:
-            _check_setting_names(self.path(filename))
+            self.notes += _check_setting_names(self.path(filename))
         self._read_resource_settings(constraints)
         self.variable_set = self._build_variable_set()
+        self.notes += self._unused_converters()
+
+    def _unused_converters(self):
+        """NAME_to_value functions of no variable (a misspelled name): never called."""
+        names = [variable.name for variable in self.variable_set.variables]
+        notes = []
+        for name, function in sorted(self.converters().items()):
+            code = getattr(function, "__code__", None)
+            if name in names or code is None:
+                continue
+            notes.append("note: %s:%d: %s_to_value converts nothing: no variable is called "
+                         "%r (the variables: %s)" % (
+                             _display_path(self.path("variable_iteration.py")),
+                             code.co_firstlineno, name, name, ", ".join(names)))
+        return notes
 
     def load_for_worker(self, read_spec=False):
         """What a worker needs: the task and variable files, or (``read_spec``)
@@ -5347,6 +5385,8 @@ class Threadward:
     def _run(self):
         project = self.project
         project.load()
+        for note in project.notes:
+            self.say(note)
         if self.only or self.limit is not None:   # a mistake here: nothing runs
             self._selection = _Selection(project.variable_set, self.only, self.limit)
         self._plan_workers()

@@ -317,6 +317,35 @@ def task_method(variables, task_folder, log_file):
 """)
     result = project.run()
     assert result.returncode == 0, result.stderr
+    assert "note:" not in result.stdout
+
+
+def test_a_name_a_word_off_a_setting_or_a_converter_of_no_variable_is_noted(project):
+    # They may be the user's own names: a note each, and the sweep runs.
+    project.write(task="""
+RETRY = 2
+TIMEOUT = 600
+
+def task_method(variables, task_folder, log_file):
+    pass
+""", variables="""
+def setup_variable_set(variable_set):
+    variable_set.add_variable(name="model", values=["a"])
+
+def modle_to_value(string_value, nickname):
+    raise AssertionError("never called")
+""")
+    result = project.run("--dry-run")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: threadward/task_specification.py:2: RETRY is not a setting and does nothing; "
+        "did you mean RETRIES? (if RETRY is your own constant, ignore this)",
+        "note: threadward/task_specification.py:3: TIMEOUT is not a setting and does nothing; "
+        "did you mean TASK_TIMEOUT? (if TIMEOUT is your own constant, ignore this)",
+        "note: threadward/variable_iteration.py:5: modle_to_value converts nothing: no "
+        "variable is called 'modle' (the variables: model)"]
+    assert project.run().returncode == 0   # and it runs
 
 
 def test_a_log_that_cannot_grow_fails_that_task_and_the_worker_goes_on(project):
