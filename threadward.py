@@ -3922,11 +3922,12 @@ class _Lane:
 class _Bin:
     """The attempts too short to draw in REPORT_MIN_BAR px of a lane."""
 
-    __slots__ = ("count", "busy", "failed", "colours")
+    __slots__ = ("count", "busy", "failed", "colours", "alone")
 
     def __init__(self):
         self.count, self.busy, self.failed = 0, 0.0, 0
         self.colours = collections.Counter()   # colour -> seconds
+        self.alone = None   # the attempt, while it is the only one: its own hover text
 
 
 class _ValueStat:
@@ -4158,6 +4159,7 @@ class _RunStory:
                 if block is None:
                     block = self.bins[key] = _Bin()
                 block.count += 1
+                block.alone = attempt if block.count == 1 else None
                 block.busy += seconds
                 block.failed += failed
                 block.colours[self.colour(values)] += seconds
@@ -4232,6 +4234,17 @@ def _seconds_text(seconds):
     if seconds < 60:
         return "%.3g s" % seconds if seconds < 10 else "%.1f s" % seconds
     return _format_duration(seconds)
+
+
+def _offset_text(seconds, step):
+    """``seconds`` with as many decimals as tell two points ``step`` apart."""
+    if step >= 1:
+        return _seconds_text(seconds)
+    text = "%.*f" % (math.ceil(-math.log10(step)), seconds)
+    if seconds < 60:
+        return text + " s"
+    whole, decimals = text.split(".")
+    return "%s.%s" % (_format_duration(int(whole)), decimals)
 
 
 def _nice_step(span, count):
@@ -4485,10 +4498,12 @@ vertical-align:-1px}"""
 
     def _bin(self, block, number, y):
         width = REPORT_MIN_BAR / self.story.scale
-        title = "%d tasks between +%s and +%s, %d %% busy%s" % (
-            block.count, _seconds_text(number * width), _seconds_text((number + 1) * width),
-            min(100, round(100 * block.busy / width)),
-            ", %d failed (see Failures)" % block.failed if block.failed else "")
+        title = self._describe(block.alone) if block.alone is not None else \
+            "%d tasks between +%s and +%s, %d %% busy%s" % (
+                block.count, _offset_text(number * width, width),
+                _offset_text((number + 1) * width, width),
+                min(100, round(100 * block.busy / width)),
+                ", %d failed (see Failures)" % block.failed if block.failed else "")
         height = REPORT_LANE - 6
         text = '<rect class="tasks" x="%d" y="%d" width="%d" height="%d" fill="%s" ' \
                'fill-opacity="%.2f"><title>%s</title></rect>' % (

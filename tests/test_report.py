@@ -428,6 +428,22 @@ def test_a_report_that_cannot_be_written_is_said_and_the_exit_code_stays(project
     assert len(project.successful()) == 3
 
 
+def counted_in_blocks(page):
+    """The attempts the blocks of short ones hold: a block of one shows
+    that attempt's own hover text (its ID first), of more their count."""
+    counted = 0
+    for block in page.body.all("rect", "tasks"):
+        title = block.title()
+        many = re.match(r"(\d+) tasks between \+(.+) and \+(.+), \d+ % busy", title)
+        if many:
+            assert int(many.group(1)) > 1 and many.group(2) != many.group(3), title
+            counted += int(many.group(1))
+        else:
+            assert re.match(r"\d+/\d+\n.*\n.* on worker \d, attempt 1: ", title), title
+            counted += 1
+    return counted
+
+
 def test_many_short_tasks_are_drawn_in_bins_that_count_them_all(project):
     project.write(task="""
 def task_method(variables, task_folder, log_file):
@@ -441,9 +457,7 @@ def setup_variable_set(variable_set):
     page = Page(os.path.join(project.config, "report.html"))
     blocks = page.body.all("rect", "tasks")
     assert blocks
-    counted = sum(int(re.match(r"(\d+) tasks between", block.title()).group(1))
-                  for block in blocks)
-    assert counted + len(page.bars()) == 2000
+    assert counted_in_blocks(page) + len(page.bars()) == 2000
     assert len(blocks) <= 2 * threadward.REPORT_WIDTH // threadward.REPORT_MIN_BAR
     assert "are drawn together: a block per 2 px" in page.text()
 
@@ -480,9 +494,7 @@ def test_a_100000_task_report_stays_small_and_counts_every_task(big_sweep):
     assert os.path.getsize(path) < 3 << 20
     page = Page(path)
     assert "99990 succeeded, 10 failed, 0 not run, of 100000 tasks" in page.text()
-    counted = sum(int(re.match(r"(\d+) tasks between", block.title()).group(1))
-                  for block in page.body.all("rect", "tasks"))
-    assert counted + len(page.bars()) == 100000
+    assert counted_in_blocks(page) + len(page.bars()) == 100000
     assert len(page.table_after("Failures")) == 11
     model = page.table_after("model")
     assert len(model) == 1 + threadward.REPORT_VALUES   # the slowest 30 of 100 values
@@ -532,3 +544,12 @@ def test_a_100000_task_report_opens_in_chromium(big_sweep):
         assert shown.evaluate(LANES) == 2
         assert shown.evaluate("document.querySelectorAll('svg.timeline rect.tasks').length") \
             > 100
+
+
+def test_block_times_have_the_decimals_their_width_needs():
+    # a 2-px block of a 26 s run is 0.047 s wide: "+17.3 s and +17.3 s" told nothing
+    assert threadward._offset_text(17.3012, 0.047) == "17.30 s"
+    assert threadward._offset_text(17.35, 0.18) == "17.4 s"
+    assert threadward._offset_text(75.5, 0.5) == "0:01:15.5"
+    assert threadward._offset_text(119.99, 0.18) == "0:02:00.0"
+    assert threadward._offset_text(3.2, 2) == "3.2 s"
