@@ -2021,6 +2021,9 @@ class _Project:
 
     def check_folder(self):
         """Before reading a project's files (`results`, `report`): it has one."""
+        if not os.path.isdir(self.directory):
+            raise ThreadwardError("%s does not exist; give the project directory (the one "
+                                  "holding threadward/)" % _display_path(self.directory))
         if not os.path.isdir(self.config_dir):
             raise ThreadwardError("%s has no threadward/ folder; give the project directory "
                                   "(the one holding threadward/)" % _display_path(self.directory))
@@ -3804,9 +3807,25 @@ def _where_filter(conditions, rows):
         raise ThreadwardError("--where %s: no such column; the columns are: %s" % (
             unknown[0], ", ".join(_columns(row for row, _ in rows))))
 
-    def holds(row, nicknames, name, values):
+    def spellings(row, nicknames, name):
         value = row.get(name)
-        return bool(values & {_cell(value), _json_text(value), nicknames.get(name)})
+        return {_cell(value), _json_text(value), nicknames.get(name)}
+
+    # A variable's value that no task has is a slip (as with --only); a
+    # status or result no row has yet is an empty table.
+    for name, values in wanted.items():
+        if not rows or name not in rows[0][1]:
+            continue
+        known = collections.OrderedDict()
+        for row, nicknames in rows:
+            known.setdefault(nicknames.get(name), spellings(row, nicknames, name))
+        every = set().union(*known.values())
+        for value in sorted(values - every):
+            raise ThreadwardError("--where %s=%s: no task has that %s; its values are: %s" % (
+                name, value, name, ", ".join(map(str, known))))
+
+    def holds(row, nicknames, name, values):
+        return bool(values & spellings(row, nicknames, name))
     return [(row, nicknames) for row, nicknames in rows
             if all(holds(row, nicknames, name, values) for name, values in wanted.items())]
 

@@ -268,6 +268,10 @@ def test_report_of_no_project_or_no_run_is_an_error(tmp_path):
     result = subprocess.run(command + [str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
     assert result.returncode == 2 and "has no threadward/ folder" in result.stderr
+    result = subprocess.run(command + [str(tmp_path / "typo")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert result.returncode == 2 and "typo does not exist; give the project directory" \
+        in result.stderr
     subprocess.run([sys.executable, os.path.join(ROOT, "threadward.py"), "init",
                     str(tmp_path)], stdout=subprocess.PIPE, check=True, timeout=60)
     result = subprocess.run(command + [str(tmp_path)], stdout=subprocess.PIPE,
