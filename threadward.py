@@ -4201,7 +4201,7 @@ class _RunStory:
             stat.count += 1
             stat.seconds += seconds
             stat.load += attempt.load
-            stat.failed += failed
+            stat.failed += failed and attempt.status != "interrupted"   # not the value's doing
         if failed or attempt.task_id in self.failures:
             self._tally_failure(attempt)
 
@@ -4598,7 +4598,7 @@ vertical-align:-1px}"""
         parts = ["<h2>Task time by variable value</h2>",
                  "<p class=\"muted\">Every attempt of this run that ended, by the value it "
                  "ran with, in the order the first of each ended; seconds include "
-                 "loading.</p>"]
+                 "loading; an interrupted attempt is not a failed one.</p>"]
         for name, stats in zip(story.names, story.by_value):
             if not stats:
                 continue

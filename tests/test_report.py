@@ -377,6 +377,10 @@ def test_interrupted_attempts_are_told_apart_from_failures(project):
     bar, = page.bars()
     assert bar.all("rect")[0].attrs["fill"] == threadward.REPORT_INTERRUPTED
     assert page.table_after("Failures")[1][1] == "interrupted (runs again)"
+    # the value it ran with is not blamed: no failed attempt in its row
+    assert page.table_after("Task time by variable value")[0][-1] == "failed attempts"
+    value_row, = page.table_after("Task time by variable value")[1:]
+    assert value_row[1] == "1" and value_row[-1] == "0", value_row
 
 
 def test_a_dead_worker_and_its_replacement_are_marked(project):
