@@ -4255,6 +4255,13 @@ def _seconds_text(seconds):
     return _format_duration(seconds)
 
 
+def _setting_text(name, value):
+    """A setting as the user writes it in Python (the record holds JSON)."""
+    if name == "SIGTERM_GRACE" and value == "inf":
+        return 'float("inf")'
+    return repr(value)
+
+
 def _offset_text(seconds, step):
     """``seconds`` with as many decimals as tell two points ``step`` apart."""
     if step >= 1:
@@ -4394,7 +4401,7 @@ vertical-align:-1px}"""
         settings = run.get("settings") or {}
         lines.append("<details><summary>settings (%d)</summary>%s</details>" % (
             len(settings), self._table(["setting", "value"], [
-                [name, "<code>%s</code>" % self.escape(_json_text(value))]
+                [name, "<code>%s</code>" % self.escape(_setting_text(name, value))]
                 for name, value in settings.items()])))
         return "\n".join(lines)
 

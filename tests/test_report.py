@@ -155,6 +155,11 @@ def test_every_run_writes_the_report_and_names_it_last(sweep):
     text = page.text()
     assert "5 succeeded, 1 failed, 0 not run, 2 failed attempts run again, of 6 tasks" in text
     assert "finished" in text
+    # the settings, folded, as they are written in Python
+    settings = {row.elements()[0].content(): " ".join(row.elements()[1].content().split())
+                for row in page.body.all("details")[0].all("tr")[1:]}
+    assert (settings["RETRIES"], settings["SIGTERM_GRACE"], settings["OUTPUT_MODE"],
+            settings["TASK_TIMEOUT"]) == ("1", 'float("inf")', "'LOG_FILE_ONLY'", "None")
 
 
 def test_the_timeline_has_a_lane_per_worker_and_a_bar_per_attempt(sweep):
