@@ -6553,8 +6553,8 @@ class _WorkerProcess:
         attempt = message.get("attempt", 1)
         mode = self.project.output_mode
         try:
-            _make_folder(folder)
-            _remove_result(folder)   # what is there is an earlier attempt's or run's
+            if _make_folder(folder):
+                _remove_result(folder)   # an earlier attempt's or run's
             log_fd = _open_log(log_file, go_on=attempt > 1)
             if attempt > 1:
                 os.write(log_fd, b"\n==== threadward: attempt %d (the attempts before it "
@@ -6747,14 +6747,17 @@ def _print_traceback():
 
 
 def _make_folder(folder):
+    """True if the folder was there already (of an earlier attempt or run)."""
     # One mkdir in the common case (parent exists); makedirs only when needed.
     try:
         os.mkdir(folder)
     except FileExistsError:
         if not os.path.isdir(folder):
             raise
+        return True
     except FileNotFoundError:
         os.makedirs(folder, exist_ok=True)
+    return False
 
 
 class _Terminated(BaseException):
