@@ -6021,13 +6021,13 @@ class Threadward:
             # SIGHUP (the terminal closed, ssh dropped) is handled alike.
             name = signal.Signals(signum).name
             grace = self.project.sigterm_grace
-            self._stop("stopped by %s" % name)
+            self._stop("by %s" % name)
             self._stop_deadline = time.monotonic() + grace
             self.say("%s: no new tasks; running tasks %s" % (
                 name, "may take as long as they need (SIGTERM_GRACE = inf)"
                 if grace == float("inf") else "get %gs to finish" % grace))
         elif signum == signal.SIGINT and not self._stopping:
-            self._stop("stopped by SIGINT")
+            self._stop("by SIGINT")
             self.say("stopping: no new tasks; running tasks finish "
                      "(press Ctrl-C again to stop running tasks)")
 

@@ -166,7 +166,7 @@ def test_sighup_is_handled_like_sigterm(project, tmp_path):
     assert code == 1, out + err
     assert "SIGHUP: no new tasks" in out
     assert project.successful() == ["1"] and project.failed() == {}
-    assert "stopped (stopped by SIGHUP)" in out
+    assert "stopped (by SIGHUP)" in out
 
 
 def test_sighup_after_the_terminal_is_gone_still_finishes_and_records(project, tmp_path):
@@ -543,7 +543,7 @@ def on_task_success(variables, task_folder, log_file):
     result = project.run(timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "stopping: no new tasks" in result.stdout
-    assert "stopped (stopped by SIGINT)" in result.stdout
+    assert "stopped (by SIGINT)" in result.stdout
     started = len(os.listdir(project.outputs))
     assert len(project.successful()) + len(project.failed()) == started < 40
     assert project.failed() == {}
