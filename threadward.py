@@ -3579,17 +3579,20 @@ class _Ledger:
         return "".join(code + text + PLAIN if colour and code and text else text
                        for text, code in pieces)
 
-    def overview(self):
-        """The first lines of `show`."""
+    def overview(self, finished=False):
+        """The first lines of `show` (``finished``: of a run that has ended,
+        as status.json keeps it: no ETA, and what is left was not run)."""
         done, durations = self.done, self._durations
         return [
-            "elapsed %s   ETA %s   per task: avg %s, max %s" % (
-                _format_duration(self.elapsed()), _format_duration(self.eta()),
+            "elapsed %s   %s   per task: avg %s, max %s" % (
+                _format_duration(self.elapsed()),
+                "finished" if finished else "ETA %s" % _format_duration(self.eta()),
                 "%.2fs" % durations.mean() if durations.count else "?",
                 "%.2fs" % durations.largest if durations.count else "?"),
-            "tasks: %d succeeded, %d failed, %d skipped (done before), %d remaining of %d%s" % (
+            "tasks: %d succeeded, %d failed, %d skipped (done before), %d %s of %d%s" % (
                 self.succeeded, self.failed, self.skipped, self.total - done,
-                self.total + self.skipped, self._retries_text("; "))]
+                "not run" if finished else "remaining", self.total + self.skipped,
+                self._retries_text("; "))]
 
     def _retries_text(self, separator):
         """'; 3 retries' (failed attempts that ran again), or "" if none."""
@@ -5661,7 +5664,8 @@ class Threadward:
         self._write_status("running")
 
     def _write_status(self, state):
-        error = _write_status_file(self.project.status_file, state, self._show_table())
+        error = _write_status_file(self.project.status_file, state,
+                                   self._show_table(finished=state == "finished"))
         if error:
             self.say(error)
 
@@ -6092,9 +6096,9 @@ class Threadward:
         os.close(null)
         self._out = open(os.devnull, "w")
 
-    def _show_table(self):
+    def _show_table(self, finished=False):
         """The `show` view (also in status.json): fits 100 columns."""
-        lines = self._ledger.overview() + ["CPU: %s" % self._launcher.cpu_summary()]
+        lines = self._ledger.overview(finished) + ["CPU: %s" % self._launcher.cpu_summary()]
         if self._workers:
             lines += _worker_table(self._workers.values(), self.scheduler.is_waiting)
         return "\n".join(lines)

@@ -557,6 +557,11 @@ def test_status_from_another_process_prints_the_show_table(project, gated):
         [x for x in table if x.startswith("tasks:")]
     open_gate(project)
     assert console.finish() == 0, console.transcript()
+    # after the run: its last view, with nothing to wait for
+    after = project.run(subcommand="status").stdout
+    assert after.startswith("the run finished; its last status")
+    assert "ETA" not in after and re.search(r"^elapsed \S+   finished   per task", after, re.M)
+    assert "4 succeeded, 0 failed, 0 skipped (done before), 0 not run of 4" in after, after
 
 
 def test_status_without_a_run_says_so(project):
