@@ -4510,8 +4510,7 @@ vertical-align:-1px}"""
         story = self.story
         end = attempt.end if attempt.end is not None else story.t1
         x, width = self._x(attempt.begin), (end - attempt.begin) * story.scale
-        fill = REPORT_INTERRUPTED if attempt.status == "interrupted" else REPORT_FAILED \
-            if attempt.failed else story.colour(story.nicknames(attempt.task_id))
+        fill = self._fill(attempt)
         inner = ""
         if attempt.load:
             inner = '<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="#000" ' \
@@ -4525,6 +4524,12 @@ vertical-align:-1px}"""
                    " running" if attempt.end is None else "", self._describe(attempt), x, y + 3,
                    max(width, 0.5), REPORT_LANE - 6, fill, inner)
 
+    def _fill(self, attempt):
+        if attempt.status == "interrupted":
+            return REPORT_INTERRUPTED
+        return REPORT_FAILED if attempt.failed else \
+            self.story.colour(self.story.nicknames(attempt.task_id))
+
     def _bin(self, block, number, y):
         width = REPORT_MIN_BAR / self.story.scale
         title = self._describe(block.alone) if block.alone is not None else \
@@ -4534,12 +4539,14 @@ vertical-align:-1px}"""
                 min(100, round(100 * block.busy / width)),
                 ", %d failed (see Failures)" % block.failed if block.failed else "")
         height = REPORT_LANE - 6
+        alone = block.alone
+        # one attempt looks as its bar would: its outcome's colour
+        fill = self._fill(alone) if alone is not None else block.colours.most_common(1)[0][0]
         text = '<rect class="tasks" x="%d" y="%d" width="%d" height="%d" fill="%s" ' \
                'fill-opacity="%.2f"><title>%s</title></rect>' % (
-                   number * REPORT_MIN_BAR, y + 3, REPORT_MIN_BAR, height,
-                   block.colours.most_common(1)[0][0], 0.35 + 0.65 * min(1.0, block.busy / width),
-                   title)
-        if block.failed:   # red from the top, as tall as the share that failed
+                   number * REPORT_MIN_BAR, y + 3, REPORT_MIN_BAR, height, fill,
+                   0.35 + 0.65 * min(1.0, block.busy / width), title)
+        if block.failed and alone is None:   # red from the top, as tall as the share that failed
             text += '<rect x="%d" y="%d" width="%d" height="%.1f" fill="%s"/>' % (
                 number * REPORT_MIN_BAR, y + 3, REPORT_MIN_BAR,
                 max(2.0, height * block.failed / block.count), REPORT_FAILED)
