@@ -1871,8 +1871,8 @@ def _slip(name, setting):
 def _check_setting_names(path):
     """A known setting in the wrong file, or a misspelled one, would be
     ignored without a word; the user's own constants (DATA_DIR) are fine.
-    A name a word off a setting (TIMEOUT, MAX_RETRIES) may be either: a
-    note each (returned), not an error."""
+    A name a word off a setting (TIMEOUT, RETRY) may be either: a note
+    each (returned), not an error."""
     filename = os.path.basename(path)
     assigned = _assigned_names(path)
     present = {name for name, _ in assigned}
@@ -1905,9 +1905,10 @@ def _check_setting_names(path):
 
 
 def _a_word_off(name, setting, setting_too):
-    """RETRY for RETRIES; TIMEOUT for TASK_TIMEOUT (a word left out) where
-    the setting is not also assigned (``setting_too``: OUTPUT beside
-    OUTPUT_MODE is a constant of the user's, as a word more is: MAX_RETRIES)."""
+    """RETRY or RETRYS for RETRIES; TIMEOUT for TASK_TIMEOUT (a word left
+    out) unless the setting is assigned too (``setting_too``: then OUTPUT
+    beside OUTPUT_MODE is a constant of the user's).  A word more
+    (MAX_RETRIES, NUM_WORKERS_DATALOADER) is taken for the user's own."""
     def stem(word):
         return word.rstrip("S").replace("IE", "Y")
     if stem(name) == stem(setting):
@@ -3822,10 +3823,10 @@ def _where_filter(conditions, rows):
         known = collections.OrderedDict()
         for row, nicknames in rows:
             known.setdefault(nicknames.get(name), spellings(row, nicknames, name))
-        every = set().union(*known.values())
-        for value in sorted(values - every):
+        missing = sorted(values - set().union(*known.values()))
+        if missing:
             raise ThreadwardError("--where %s=%s: no task has that %s; its values are: %s" % (
-                name, value, name, ", ".join(map(str, known))))
+                name, missing[0], name, ", ".join(map(str, known))))
 
     def holds(row, nicknames, name, values):
         return bool(values & spellings(row, nicknames, name))
@@ -4532,14 +4533,14 @@ vertical-align:-1px}"""
 
     def _bin(self, block, number, y):
         width = REPORT_MIN_BAR / self.story.scale
-        title = self._describe(block.alone) if block.alone is not None else \
+        alone = block.alone
+        title = self._describe(alone) if alone is not None else \
             "%d tasks between +%s and +%s, %d %% busy%s" % (
                 block.count, _offset_text(number * width, width),
                 _offset_text((number + 1) * width, width),
                 min(100, round(100 * block.busy / width)),
                 ", %d failed (see Failures)" % block.failed if block.failed else "")
         height = REPORT_LANE - 6
-        alone = block.alone
         # one attempt looks as its bar would: its outcome's colour
         fill = self._fill(alone) if alone is not None else block.colours.most_common(1)[0][0]
         text = '<rect class="tasks" x="%d" y="%d" width="%d" height="%d" fill="%s" ' \
